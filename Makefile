@@ -1,0 +1,35 @@
+# Two entry points: `make demo` (run the model end to end) and `make test` (the test suite).
+# Both create or reuse .venv and install kapao with what it needs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.kapao-installed
+# CPU-capable torch builds that pip takes from this machine's local index
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+EXTRAS := dev,crowdpose,onnx,train
+
+.PHONY: demo test test-fast bench install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m kapao info
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info runs

@@ -1,0 +1,38 @@
+"""Shared fixtures. `shared/` (goldens and real data) lies beside the checkout; tests that need it
+fail when it is missing under CI and are skipped only on a developer machine without it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def shared_dir() -> Path:
+    return Path(os.environ.get("KAPAO_SHARED", REPO.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    root = shared_dir()
+    if not (root / "golden").is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"{root}: shared goldens are missing; CI must have ../shared beside the checkout")
+        pytest.skip(f"{root} not present (set KAPAO_SHARED)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def golden(shared: Path) -> Path:
+    return shared / "golden"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _threads() -> None:
+    # The goldens were made with 2 torch threads; the same count keeps summation orders alike.
+    torch.set_num_threads(2)

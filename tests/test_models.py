@@ -1,0 +1,159 @@
+"""The model family against the official architecture, weight rule, forward and TTA goldens."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from kapao.config import load_model_config
+from kapao.errors import KapaoError
+from kapao.models.kapao import KapaoModel, from_official_state_dict, official_key, to_official_state_dict
+from kapao.schema import KeypointSchema, coco_schema, crowdpose_schema
+
+from weight_rule import apply_weight_rule
+
+SCHEMAS = {"coco": coco_schema, "crowdpose": crowdpose_schema}
+
+
+@pytest.fixture(scope="module")
+def architecture(golden):
+    return json.loads((golden / "architecture.json").read_text())
+
+
+@pytest.mark.parametrize("size", ["s", "m", "l"])
+@pytest.mark.parametrize("dataset", ["coco", "crowdpose"])
+def test_architecture_matches_official(architecture, size, dataset):
+    ref = architecture[f"kapao_{size}_{dataset}"]
+    model = KapaoModel(f"kapao-{size}", SCHEMAS[dataset]())
+    state = to_official_state_dict(model)
+    expected = {key: (shape, dtype) for key, shape, dtype in ref["state_dict"]}
+    assert len(state) == ref["n_state_dict_keys"]
+    assert set(state) == set(expected)
+    for key, tensor in state.items():
+        shape, dtype = expected[key]
+        assert list(tensor.shape) == shape, key
+        assert str(tensor.dtype).replace("torch.", "") == dtype, key
+    assert sum(p.numel() for p in model.parameters()) == ref["n_parameters"]
+    assert model.stride.tolist() == ref["strides"]
+    assert model.head.anchors.tolist() == ref["anchors_grid_units"]
+    assert model.head.anchor_grid.view(4, 3, 2).tolist() == ref["anchor_grid_pixels"]
+    assert model.head.no == ref["detect"]["no"]
+
+
+def test_kapao_n_is_cpu_sized_and_any_k_works():
+    schema = KeypointSchema(names=("a", "b", "c"), flip_index=(0, 2, 1))
+    model = KapaoModel("kapao-n", schema).eval()
+    assert model.head.no == 5 + 4 + 6
+    assert model.layers[0].conv.conv.out_channels == 16  # 64 * 0.25
+    with torch.no_grad():
+        out = model(torch.rand(1, 3, 128, 192))
+    rows = 3 * sum((128 // s) * (192 // s) for s in (8, 16, 32, 64))
+    assert out.shape == (1, rows, 15)
+
+
+def test_weight_rule_matches_checksums(golden):
+    checks = json.loads((golden / "weights_checksums.json").read_text())
+    assert checks["global_seed"] == 0
+    for name, ref in checks["weights"].items():
+        _, size, dataset = name.split("_")
+        model = KapaoModel(f"kapao-{size}", SCHEMAS[dataset]())
+        apply_weight_rule(model, seed=0)
+        state = to_official_state_dict(model)
+        for key, want in ref.items():
+            t = state[key]
+            arr = t.numpy() if not t.is_floating_point() else t.float().numpy()
+            assert hashlib.md5(arr.tobytes()).hexdigest() == want["md5"], (name, key)
+
+
+@pytest.fixture(scope="module")
+def seeded_s(golden):
+    model = KapaoModel("kapao-s", coco_schema())
+    apply_weight_rule(model, seed=0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def forward_golden(golden):
+    return dict(np.load(golden / "forward_s640.npz"))
+
+
+def assert_predictions_close(ours: np.ndarray, ref: np.ndarray, nc: int = 18) -> None:
+    """README tolerances: probabilities atol 1e-5; pixel coordinates rtol 1e-5, atol 2e-3."""
+    assert ours.shape == ref.shape
+    probs = slice(4, 5 + nc)
+    np.testing.assert_allclose(ours[..., probs], ref[..., probs], rtol=0, atol=1e-5)
+    coords = np.r_[0:4, 5 + nc : ref.shape[-1]]
+    np.testing.assert_allclose(ours[..., coords], ref[..., coords], rtol=1e-5, atol=2e-3)
+
+
+def test_forward_matches_official(seeded_s, forward_golden):
+    x = torch.from_numpy(forward_golden["input"])
+    assert torch.equal(
+        x, torch.from_numpy(forward_golden["input_uint8_chw_rgb"]).float().div(255.0)[None]
+    )
+    with torch.no_grad():
+        raw = seeded_s.forward_raw(x)
+        out = seeded_s(x)
+    np.testing.assert_allclose(raw[2].numpy(), forward_golden["logits_level2"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(raw[3].numpy(), forward_golden["logits_level3"], rtol=0, atol=1e-5)
+    assert_predictions_close(out.numpy(), forward_golden["output"])
+
+
+def test_tta_matches_official(seeded_s, forward_golden):
+    x = torch.from_numpy(forward_golden["input"])
+    with torch.no_grad():
+        out = seeded_s(x, augment=True, scales=[0.8, 1, 1.2], flips=[None, 3, None])
+        single = seeded_s(x, augment=True, scales=[1], flips=[None])
+    assert_predictions_close(out.numpy(), forward_golden["output_tta"])
+    assert torch.equal(single, seeded_s(x))
+
+
+def test_fused_model_close_to_unfused(seeded_s, forward_golden):
+    import copy
+
+    fused = copy.deepcopy(seeded_s).fuse()
+    x = torch.from_numpy(forward_golden["input"])
+    with torch.no_grad():
+        out = fused(x).numpy()
+    ref = forward_golden["output"]
+    # the README's measured fused-vs-unfused bounds: 0.0127 px, 3.8e-6 probability
+    assert np.abs(out[..., 4:23] - ref[..., 4:23]).max() < 1e-5
+    assert np.abs(out[..., :4] - ref[..., :4]).max() < 0.05
+
+
+def test_updown_flip_leaves_keypoints(seeded_s, forward_golden):
+    x = torch.from_numpy(forward_golden["input"])
+    with torch.no_grad():
+        plain = seeded_s(x)
+        ud = seeded_s(x, augment=True, scales=[1], flips=[2])
+        direct = seeded_s.head.decode(seeded_s.forward_raw(x.flip(2)))
+    assert torch.allclose(ud[..., 1], x.shape[2] - direct[..., 1])
+    assert torch.equal(ud[..., 23:], direct[..., 23:])
+    assert plain.shape == ud.shape
+
+
+def test_bad_tta_flip_is_refused(seeded_s):
+    with pytest.raises(KapaoError, match="flips"):
+        seeded_s(torch.zeros(1, 3, 64, 64), augment=True, scales=[1], flips=[-1])
+
+
+def test_key_mapping_round_trip():
+    model = KapaoModel("kapao-n", coco_schema())
+    official = to_official_state_dict(model)
+    assert "model.33.anchor_grid" in official and "model.0.conv.conv.weight" in official
+    back = from_official_state_dict(official, head_index=33)
+    assert list(back) == list(model.state_dict())
+    assert official_key("head.m.3.bias", 33) == "model.33.m.3.bias"
+
+
+def test_model_config_errors(tmp_path):
+    with pytest.raises(KapaoError, match="unknown model config"):
+        load_model_config("kapao-xxl")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("depth_multiple: 1\nwidth_multiple: 1\nanchors: [[1,2]]\nhead_from: [0]\nbackbone: [[-1, 1, Magic, []]]\n")
+    with pytest.raises(KapaoError, match="unknown block 'Magic'"):
+        load_model_config(bad)
