@@ -1,0 +1,1 @@
+"""Input sources (images, folders, globs, videos, webcams) and atomic output writers."""
