@@ -1,0 +1,1 @@
+"""Inference backends (torch, ONNX Runtime) sharing one raw-output layout, and export."""
