@@ -1,0 +1,1 @@
+"""Data: reading datasets, targets, augmentation and the letterbox pre-processing."""

@@ -1,0 +1,1 @@
+"""Engines that run the model over data: evaluation metrics, val loop, prediction, training."""
