@@ -232,7 +232,7 @@ def scale_keypoints(
     if not ((t.ndim == 2 and shape[1] % 2 == 0) or (t.ndim == 3 and shape[2] == 2)):
         raise KapaoError(f"scale_keypoints: expected (N, 2K) or (N, K, 2) keypoints, got {tuple(shape)}")
     gain, pw, ph = _gain_pad(input_hw, orig_hw)
-    out = t.reshape(shape[0], -1).clone()
+    out = t.reshape(shape[0], shape[1] * (shape[2] if t.ndim == 3 else 1)).clone()
     out[:, 0::2] -= pw
     out[:, 1::2] -= ph
     out /= gain

@@ -1,0 +1,283 @@
+"""Post-processing shared by predict, val and the demos: NMS, rescaling, keypoint-object fusion.
+
+Raw rows (B, N, 5 + nc + 2K), nc = 1 + K, are in network-input pixels:
+`[cx, cy, w, h, obj, cls_0 (person), cls_1..cls_K (keypoint objects), kx_1, ky_1, ..., kx_K, ky_K]`.
+
+1. `run_nms`: confidence filter and class-aware NMS (torchvision), persons and keypoint objects
+   in one call or two exactly when the official `run_nms` does. Rows out: (n, 6 + 2K)
+   `[x1, y1, x2, y2, conf, cls, 2K keypoint coords]`, descending conf.
+2. `rescale_dets`: to original-image pixels (`kapao.data.letterbox.scale_boxes/scale_keypoints`).
+3. `fuse_keypoints`: each keypoint object, in NMS order, replaces the keypoint of its type of the
+   person whose current keypoint is nearest, if more confident and closer than `overwrite_tol`.
+   Vectorized: one step per rank within a keypoint type, all types and images at once.
+4. `postprocess`: all of the above, one `Poses` per image.
+
+All comparisons follow the official code: strict, in float32 for confidences.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torchvision
+
+from kapao.data.letterbox import scale_boxes, scale_keypoints
+from kapao.errors import KapaoError
+from kapao.presets import Preset, get_preset
+from kapao.results import Poses
+from kapao.schema import KeypointSchema
+
+MAX_WH = 4096  # class offset for class-aware NMS in one call (boxes of different classes never overlap)
+
+
+def num_keypoints_from_columns(no: int) -> int:
+    """K from the row width no = 5 + (1 + K) + 2K."""
+    if no < 9 or (no - 6) % 3:
+        raise KapaoError(f"prediction rows have {no} columns; expected 5 + (1 + K) + 2K for K keypoints (e.g. 57 for COCO)")
+    return (no - 6) // 3
+
+
+def _xywh2xyxy(xywh: torch.Tensor) -> torch.Tensor:
+    half = xywh[:, 2:4] / 2
+    return torch.cat((xywh[:, 0:2] - half, xywh[:, 0:2] + half), 1)
+
+
+def nms_kp(
+    pred: torch.Tensor,
+    conf_thres: float,
+    iou_thres: float,
+    num_keypoints: int,
+    classes: Sequence[int] | None = None,
+    max_det: int = 300,
+    max_nms: int = 30000,
+) -> torch.Tensor:
+    """NMS for one image, as the official `non_max_suppression_kp`.
+
+    pred (N, 5 + nc + 2K) -> (n, 6 + 2K) `[x1, y1, x2, y2, conf, cls, kps]`, descending conf.
+    Keeps rows with obj > conf_thres, then conf = obj * cls (best class, first index on ties) >
+    conf_thres, optionally only `classes`; the `max_nms` most confident enter class-aware NMS
+    (boxes offset by cls * 4096); at most `max_det` are kept.
+    """
+    nc = 1 + num_keypoints
+    x = pred[pred[:, 4] > conf_thres]
+    cls_conf = x[:, 5 : 5 + nc] * x[:, 4:5]
+    conf, j = cls_conf.max(1, keepdim=True)
+    keep = conf.view(-1) > conf_thres
+    if classes is not None:
+        keep &= torch.isin(j.view(-1), torch.as_tensor(list(classes), device=j.device, dtype=j.dtype))
+    x, conf, j = x[keep], conf[keep], j[keep]
+    det = torch.cat((_xywh2xyxy(x[:, :4]), conf, j.to(x.dtype), x[:, 5 + nc :]), 1)
+    if det.shape[0] > max_nms:
+        det = det[det[:, 4].argsort(descending=True)[:max_nms]]
+    if det.shape[0] == 0:
+        return det
+    boxes = det[:, :4] + det[:, 5:6] * MAX_WH
+    i = torchvision.ops.nms(boxes, det[:, 4], iou_thres)[:max_det]
+    return det[i]
+
+
+def run_nms(
+    pred: torch.Tensor, preset: Preset | str, num_keypoints: int | None = None
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Person and keypoint-object detections per image.
+
+    pred (B, N, 5 + nc + 2K) -> (person_dets, kp_dets), two lists of B tensors (n, 6 + 2K).
+    One combined NMS when iou_thres == iou_thres_kp and conf_thres_kp >= conf_thres (persons and
+    keypoint objects then share the max_det cap; keypoint objects also need conf >= conf_thres_kp);
+    otherwise two calls: class 0 at (conf_thres, iou_thres) and classes 1..K at the _kp values.
+    """
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    if pred.ndim != 3:
+        raise KapaoError(f"run_nms: expected predictions (B, N, C), got shape {tuple(pred.shape)}")
+    k = num_keypoints if num_keypoints is not None else num_keypoints_from_columns(pred.shape[-1])
+    if pred.shape[-1] != 6 + 3 * k:
+        raise KapaoError(f"run_nms: rows have {pred.shape[-1]} columns, expected {6 + 3 * k} for K={k} keypoints")
+    kw = {"num_keypoints": k, "max_det": preset.max_det, "max_nms": preset.max_nms}
+    person_dets, kp_dets = [], []
+    for x in pred:  # per image, as NMS is
+        if preset.combined_nms:
+            d = nms_kp(x, preset.conf_thres, preset.iou_thres, **kw)
+            person_dets.append(d[d[:, 5] == 0])
+            d = d[d[:, 4] >= preset.conf_thres_kp]
+            kp_dets.append(d[d[:, 5] > 0])
+        else:
+            person_dets.append(nms_kp(x, preset.conf_thres, preset.iou_thres, classes=[0], **kw))
+            kp_dets.append(nms_kp(x, preset.conf_thres_kp, preset.iou_thres_kp, classes=range(1, 1 + k), **kw))
+    return person_dets, kp_dets
+
+
+def rescale_dets(
+    dets: torch.Tensor, input_hw: tuple[int, int], orig_hw: tuple[int, int], clip_all_keypoints: bool = False
+) -> torch.Tensor:
+    """(n, 6 + 2K) NMS rows in network-input pixels -> a new (n, 6 + 2K) tensor in original pixels.
+
+    Boxes are clipped to the image; keypoints as `scale_keypoints` (official: only keypoints 0 and 1
+    are clipped). This equals what the official `post_process_batch` leaves in `person_dets` after
+    mutating it in place (boxes not rounded).
+    """
+    return torch.cat(
+        (
+            scale_boxes(dets[:, :4], input_hw, orig_hw),
+            dets[:, 4:6],
+            scale_keypoints(dets[:, 6:], input_hw, orig_hw, clip_all=clip_all_keypoints),
+        ),
+        1,
+    )
+
+
+def fuse_keypoints(
+    poses: Sequence[np.ndarray],
+    scores: Sequence[np.ndarray],
+    kp_objects: Sequence[np.ndarray],
+    conf_thres_kp_person: float,
+    overwrite_tol: float,
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Fuse keypoint objects into poses, for B images at once; exactly the official greedy loop.
+
+    poses[b]:      (N_b, K, 3) float64 x, y, conf (original pixels; conf 0 = from the pose object)
+    scores[b]:     (N_b,) float32 person scores; only persons with score > conf_thres_kp_person
+                   (compared in float32) receive keypoints
+    kp_objects[b]: (M_b, 6) x1, y1, x2, y2, conf, kp_type (0-based) in original pixels, in the order
+                   they are to be applied (NMS order)
+    Returns (new poses list, n_fused (B, K) int64 = overwrites per image and keypoint type).
+
+    The official code loops over objects: location = float32 mean of the box corners; the person
+    whose CURRENT keypoint of that type is nearest (first on ties) is chosen; its keypoint is
+    replaced by (x, y, conf) if conf > stored conf and distance < overwrite_tol (float64, strict).
+    An object only reads and writes keypoints of its own type, so the types (and the images) are
+    independent sequences: step r applies the r-th object of every (image, type) at once, which is
+    the same computation in a different interleaving. Steps = the longest sequence, not M.
+    """
+    b_count = len(poses)
+    if not (len(scores) == len(kp_objects) == b_count):
+        raise KapaoError("fuse_keypoints: poses, scores and kp_objects need one entry per image")
+    out = [np.array(p, dtype=np.float64, copy=True) for p in poses]
+    k = out[0].shape[1] if b_count else 0
+    n_fused = np.zeros((b_count, k), dtype=np.int64)
+    masks = [np.asarray(s, dtype=np.float32) > np.float32(conf_thres_kp_person) for s in scores]
+    n_person = np.array([int(m.sum()) for m in masks], dtype=np.int64)
+    objs = [np.asarray(o, dtype=np.float32).reshape(-1, 6) for o in kp_objects]
+    # images whose objects can fuse: at least one person and one object (the official skips others)
+    active = [b for b in range(b_count) if n_person[b] and len(objs[b])]
+    if not active:
+        return out, n_fused
+    pmax = int(n_person.max())
+
+    # per (image, person, type) state; padded persons sit at infinity so they are never nearest
+    pos = np.full((b_count, pmax, k, 2), np.inf)
+    conf = np.zeros((b_count, pmax, k))
+    for b in active:
+        pos[b, : n_person[b]] = out[b][masks[b], :, :2]
+        conf[b, : n_person[b]] = out[b][masks[b], :, 2]
+
+    o = np.concatenate([objs[b] for b in active])
+    img = np.concatenate([np.full(len(objs[b]), b, dtype=np.int64) for b in active])
+    kp_type = o[:, 5].astype(np.int64)
+    if (kp_type < 0).any() or (kp_type >= k).any() or (o[:, 5] != kp_type).any():
+        raise KapaoError(f"fuse_keypoints: kp_type must be an integer in 0..{k - 1}")
+    # float32 mean of the corners, as np.mean over two float32 values
+    xy = np.stack(((o[:, 0] + o[:, 2]) / np.float32(2), (o[:, 1] + o[:, 3]) / np.float32(2)), 1).astype(np.float64)
+    oconf = o[:, 4].astype(np.float64)
+
+    # table[r, g] = index of the r-th object of group g = (image, type), -1 when absent
+    group = img * k + kp_type
+    order = np.argsort(group, kind="stable")
+    counts = np.bincount(group, minlength=b_count * k)
+    starts = np.cumsum(counts) - counts
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order)) - starts[group[order]]
+    table = np.full((int(counts.max()), b_count * k), -1, dtype=np.int64)
+    table[rank, group] = np.arange(len(group))
+
+    for row in table:  # one step per rank, all (image, type) groups together
+        g = np.flatnonzero(row >= 0)
+        j = row[g]
+        bi, ti = g // k, g % k
+        diff = pos[bi, :, ti] - xy[j][:, None, :]  # (G, P, 2)
+        sq = diff * diff
+        dist = np.sqrt(sq[..., 0] + sq[..., 1])  # as np.linalg.norm(axis=-1)
+        near = np.argmin(dist, axis=1)
+        ok = (oconf[j] > conf[bi, near, ti]) & (dist[np.arange(len(g)), near] < overwrite_tol)
+        bi, ti, near, j = bi[ok], ti[ok], near[ok], j[ok]
+        pos[bi, near, ti] = xy[j]
+        conf[bi, near, ti] = oconf[j]
+        n_fused[bi, ti] += 1
+
+    for b in active:
+        out[b][masks[b], :, :2] = pos[b, : n_person[b]]
+        out[b][masks[b], :, 2] = conf[b, : n_person[b]]
+    return out, n_fused
+
+
+def _hw(shape: Sequence[int]) -> tuple[int, int]:
+    return int(shape[0]), int(shape[1])
+
+
+def postprocess(
+    pred: torch.Tensor,
+    preset: Preset | str,
+    input_hw: tuple[int, int],
+    orig_hws: Sequence[tuple[int, int]],
+    schema: KeypointSchema,
+    paths: Sequence[str | None] | None = None,
+) -> list[Poses]:
+    """Decoded predictions -> one `Poses` per image, in original-image pixels.
+
+    pred (B, N, 5 + nc + 2K) for a batch letterboxed to input_hw = (H, W); orig_hws: B (h0, w0).
+    The mapping back recomputes gain and padding from the two shapes, as the official code (so
+    an image letterboxed into a larger rect-batch shape maps back correctly too).
+    """
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    k = schema.num_keypoints
+    if pred.ndim != 3 or pred.shape[-1] != 6 + 3 * k:
+        raise KapaoError(
+            f"postprocess: predictions of shape {tuple(pred.shape)} do not fit the {k}-keypoint schema "
+            f"({schema.source}); expected (B, N, {6 + 3 * k}); use the schema the model was trained with"
+        )
+    if len(orig_hws) != pred.shape[0]:
+        raise KapaoError(f"postprocess: {len(orig_hws)} image sizes for a batch of {pred.shape[0]}")
+    person_dets, kp_dets = run_nms(pred, preset, k)
+    return postprocess_dets(person_dets, kp_dets, preset, input_hw, orig_hws, schema, paths)
+
+
+def postprocess_dets(
+    person_dets: Sequence[torch.Tensor],
+    kp_dets: Sequence[torch.Tensor],
+    preset: Preset | str,
+    input_hw: tuple[int, int],
+    orig_hws: Sequence[tuple[int, int]],
+    schema: KeypointSchema,
+    paths: Sequence[str | None] | None = None,
+) -> list[Poses]:
+    """`run_nms` outputs (B lists of (n, 6 + 2K) rows in network-input pixels) -> B `Poses`.
+
+    Persons: boxes rescaled, clipped and rounded (float32), keypoints rescaled (official clipping
+    unless preset.clip_all_keypoints), scores = conf. Keypoint objects: boxes rescaled and clipped,
+    kept as `Poses.kp_objects`, and fused into the poses when preset.use_kp_dets.
+    """
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    k = schema.num_keypoints
+    if not (len(person_dets) == len(kp_dets) == len(orig_hws)):
+        raise KapaoError("postprocess: person_dets, kp_dets and orig_hws need one entry per image")
+    paths = list(paths) if paths is not None else [None] * len(orig_hws)
+    input_hw = _hw(input_hw)
+
+    boxes, scores, poses, kp_objs = [], [], [], []
+    for pd, kd, orig in zip(person_dets, kp_dets, orig_hws):
+        orig = _hw(orig)
+        pd = rescale_dets(pd.detach().float().cpu(), input_hw, orig, preset.clip_all_keypoints)
+        boxes.append(pd[:, :4].round().numpy())
+        scores.append(pd[:, 4].numpy())
+        kps = pd[:, 6:].numpy().reshape(-1, k, 2)
+        poses.append(np.concatenate((kps, np.zeros((len(kps), k, 1))), 2))
+        kd = kd.detach().float().cpu()
+        kp_objs.append(torch.cat((scale_boxes(kd[:, :4], input_hw, orig), kd[:, 4:5], kd[:, 5:6] - 1), 1).numpy())
+
+    if preset.use_kp_dets:
+        poses, _ = fuse_keypoints(poses, scores, kp_objs, preset.conf_thres_kp_person, preset.overwrite_tol)
+    return [
+        Poses(bx, sc, ps, schema, _hw(orig), path, ko)
+        for bx, sc, ps, orig, path, ko in zip(boxes, scores, poses, orig_hws, paths, kp_objs)
+    ]

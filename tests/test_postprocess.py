@@ -1,0 +1,364 @@
+"""NMS, rescaling and keypoint-object fusion against the official goldens (postprocess.npz,
+e2e/predict.npz), and the vectorized fusion against a plain sequential reference."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from kapao.errors import KapaoError
+from kapao.postprocess import (
+    fuse_keypoints,
+    nms_kp,
+    num_keypoints_from_columns,
+    postprocess,
+    postprocess_dets,
+    rescale_dets,
+    run_nms,
+)
+from kapao.presets import get_preset
+from kapao.schema import KeypointSchema, coco_schema
+
+PRESET_OF_GOLDEN = {"val": "val", "demo_image": "demo", "demo_video": "demo_video"}
+INPUT_HW, ORIG_HW = (448, 640), (426, 640)
+
+
+def reference_fuse(poses, scores, kp_objects, conf_thres_kp_person, overwrite_tol):
+    """The official per-object loop, written plainly (one image): the reference for the vectorized path."""
+    poses = np.array(poses, dtype=np.float64, copy=True)
+    n_fused = np.zeros(poses.shape[1], dtype=np.int64)
+    if not len(poses) or not len(kp_objects):
+        return poses, n_fused
+    mask = np.asarray(scores, np.float32) > np.float32(conf_thres_kp_person)
+    chosen = poses[mask]
+    if not len(chosen):
+        return poses, n_fused
+    for x1, y1, x2, y2, conf, kp_type in np.asarray(kp_objects, np.float32):
+        x, y = np.mean(np.array([x1, x2], np.float32)), np.mean(np.array([y1, y2], np.float32))
+        kps = chosen[:, int(kp_type)]  # a view: writes go into `chosen`
+        dist = np.linalg.norm(kps[:, :2] - np.array([[x, y]]), axis=-1)
+        m = np.argmin(dist)
+        if conf > kps[m, 2] and dist[m] < overwrite_tol:
+            kps[m] = [x, y, conf]
+            n_fused[int(kp_type)] += 1
+    poses[mask] = chosen
+    return poses, n_fused
+
+
+@pytest.fixture(scope="module")
+def pp(golden):
+    z = np.load(golden / "postprocess.npz")
+    return {k: z[k] for k in z.files}
+
+
+@pytest.fixture(scope="module")
+def pp_meta(golden):
+    return json.loads((golden / "postprocess.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def preds(golden, pp):
+    forward = np.load(golden / "forward_s640.npz")["output"]
+    return {"forward": torch.from_numpy(forward), "crafted": torch.from_numpy(pp["crafted_pred"])}
+
+
+@pytest.mark.parametrize("which", ["forward", "crafted"])
+@pytest.mark.parametrize("setting", ["val", "demo_image", "demo_video"])
+def test_every_golden_field(pp, pp_meta, preds, which, setting):
+    key = f"{which}__{setting}__"
+    preset = get_preset(PRESET_OF_GOLDEN[setting])
+    run = pp_meta["runs"][f"{which}__{setting}"]
+    assert {k: getattr(preset, k) for k in run["thresholds"]} == run["thresholds"]
+    assert preset.combined_nms == run["combined_nms_path"]
+    assert pp_meta["img_hw"] == list(INPUT_HW) and pp_meta["orig_hw"] == list(ORIG_HW)
+    pred = preds[which]
+    assert int((pred[0, :, 4] > preset.conf_thres).sum()) == run["n_obj_gt_conf_thres"]
+
+    person_dets, kp_dets = run_nms(pred, preset)
+    assert np.array_equal(person_dets[0].numpy(), pp[key + "person_dets"])
+    assert np.array_equal(kp_dets[0].numpy(), pp[key + "kp_dets"])
+    assert len(person_dets[0]) == run["n_person_dets"] and len(kp_dets[0]) == run["n_kp_dets"]
+    # the official post-processing leaves this in person_dets (in place); ours returns it
+    after = rescale_dets(person_dets[0], INPUT_HW, ORIG_HW)
+    assert np.array_equal(after.numpy(), pp[key + "person_dets_after_postprocess_inplace"])
+    assert np.array_equal(person_dets[0].numpy(), pp[key + "person_dets"])  # ours does not mutate
+
+    (poses,) = postprocess(pred, preset, INPUT_HW, [ORIG_HW], coco_schema())
+    assert len(poses) == run["n_poses"]
+    assert poses.boxes.dtype == np.float32 and np.array_equal(poses.boxes, pp[key + "bboxes"])
+    assert poses.scores.dtype == np.float32 and np.array_equal(poses.scores, pp[key + "scores"])
+    assert poses.keypoints.dtype == np.float64 and np.array_equal(poses.keypoints, pp[key + "poses"])
+    assert poses.image_hw == ORIG_HW
+    assert poses.kp_objects.shape == (run["n_kp_dets"], 6)
+
+    # n_fused through the public fusion function, and against the sequential reference
+    scores = pp[key + "scores"]
+    kps = after[:, 6:].numpy().reshape(-1, 17, 2)
+    start = np.concatenate((kps, np.zeros((len(kps), 17, 1))), 2)
+    fused, n_fused = fuse_keypoints([start], [scores], [poses.kp_objects], preset.conf_thres_kp_person,
+                                    preset.overwrite_tol)
+    assert np.array_equal(fused[0], pp[key + "poses"])
+    assert n_fused[0].tolist() == pp[key + "n_fused"].tolist() == run["n_fused"]
+    assert int((poses.keypoints[..., 2] > 0).sum()) == run["n_pose_kps_with_conf"] == run["n_fused_total"]
+    ref, ref_n = reference_fuse(start, scores, poses.kp_objects, preset.conf_thres_kp_person, preset.overwrite_tol)
+    assert np.array_equal(ref, fused[0]) and np.array_equal(ref_n, n_fused[0])
+
+
+def _edge_boxes(dets: torch.Tensor) -> list[float]:
+    """Confidences of the crafted edge rows (all share the box cx 320, cy 100, w 40, h 80)."""
+    hit = (dets[:, :4] == torch.tensor([300.0, 60.0, 340.0, 140.0])).all(1)
+    return [round(float(c), 6) for c in dets[hit, 4]]
+
+
+def test_strict_confidence_thresholds(pp_meta, preds):
+    meta = pp_meta["crafted_row_meta"]
+    pred = preds["crafted"]
+    for label, obj in (("edge_obj_0.001", 0.001), ("edge_obj_0.5", 0.5), ("edge_obj_0.7", 0.7)):
+        assert pred[0, meta.index(label), 4] == torch.tensor(obj, dtype=torch.float32)
+    # obj == threshold is dropped (strict >, float32): 0.001 never survives, 0.7 not at conf 0.7,
+    # 0.5 not at conf 0.5; at val the 0.5 and 0.7 rows overlap fully and NMS keeps the 0.7 one
+    assert _edge_boxes(run_nms(pred, "val")[0][0]) == [0.7]
+    assert _edge_boxes(run_nms(pred, "demo")[0][0]) == []
+    assert _edge_boxes(run_nms(pred, "demo_video")[0][0]) == [0.7]
+
+
+def test_combined_nms_rule():
+    assert not get_preset("val").combined_nms and not get_preset("demo").combined_nms
+    assert get_preset("demo_video").combined_nms
+    assert not get_preset("demo_video", conf_thres_kp=0.4).combined_nms  # kp threshold below person
+    assert not get_preset("demo_video", iou_thres_kp=0.5).combined_nms
+
+
+def test_combined_nms_shares_max_det(preds):
+    # combined path: persons and keypoint objects come out of one NMS call capped at max_det
+    preset = get_preset("demo_video", max_det=20)
+    person, kp = run_nms(preds["crafted"], preset)
+    assert len(person[0]) + len(kp[0]) <= 20
+    full = run_nms(preds["crafted"], get_preset("demo_video"))
+    assert len(full[0][0]) + len(full[1][0]) > 20
+    # separate path: each call has its own cap
+    person, kp = run_nms(preds["forward"], get_preset("demo", max_det=5))
+    assert len(person[0]) == 5 and len(kp[0]) == 5
+
+
+def test_nms_class_argmax_first_index_on_ties():
+    k = 2
+    row = torch.tensor([[50.0, 50.0, 20.0, 20.0, 0.9, 0.5, 0.8, 0.8, 1.0, 2.0, 3.0, 4.0]])
+    det = nms_kp(row, 0.1, 0.5, k)
+    assert det[0, 5] == 1.0  # classes 1 and 2 tie: the first wins
+    assert det[0, 4] == torch.tensor(0.8, dtype=torch.float32) * torch.tensor(0.9, dtype=torch.float32)
+    assert det[0, :4].tolist() == [40.0, 40.0, 60.0, 60.0] and det[0, 6:].tolist() == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_clip_all_keypoints_switch(preds):
+    official = postprocess(preds["crafted"], "val", INPUT_HW, [ORIG_HW], coco_schema())[0]
+    clipped = postprocess(preds["crafted"], get_preset("val", clip_all_keypoints=True), INPUT_HW, [ORIG_HW],
+                          coco_schema())[0]
+    h, w = ORIG_HW
+
+    def outside(kps):
+        return (kps[..., 0] < 0) | (kps[..., 0] > w) | (kps[..., 1] < 0) | (kps[..., 1] > h)
+
+    assert not outside(official.keypoints[:, :2]).any()  # keypoints 0 and 1 are clipped
+    assert outside(official.keypoints[:, 2:]).any()  # the official quirk: the rest are not
+    assert not outside(clipped.keypoints).any()
+    assert np.array_equal(official.boxes, clipped.boxes)
+
+
+def test_no_kp_dets_keeps_pose_keypoints(preds):
+    poses = postprocess(preds["crafted"], get_preset("val", use_kp_dets=False), INPUT_HW, [ORIG_HW], coco_schema())[0]
+    assert (poses.keypoints[..., 2] == 0).all()
+    pd, _ = run_nms(preds["crafted"], "val")
+    kps = rescale_dets(pd[0], INPUT_HW, ORIG_HW)[:, 6:].numpy().reshape(-1, 17, 2)
+    assert np.array_equal(poses.keypoints[..., :2], kps.astype(np.float64))
+
+
+def test_batched_equals_per_image(preds):
+    crafted = preds["crafted"]
+    forward = preds["forward"]
+    padded = torch.zeros_like(forward)
+    padded[0, : crafted.shape[1]] = crafted[0]  # zero rows (obj 0) never pass the filter
+    batch = torch.cat((padded, forward, padded))
+    # the third image was letterboxed from a half-size original (gain 2, pad (0, 11))
+    orig_hws = [ORIG_HW, ORIG_HW, (213, 320)]
+    for preset in ("val", "demo", "demo_video"):
+        together = postprocess(batch, preset, INPUT_HW, orig_hws, coco_schema(), paths=["a", "b", "c"])
+        assert [p.path for p in together] == ["a", "b", "c"]
+        for i in range(3):
+            alone = postprocess(batch[i : i + 1], preset, INPUT_HW, [orig_hws[i]], coco_schema())[0]
+            assert np.array_equal(together[i].keypoints, alone.keypoints)
+            assert np.array_equal(together[i].boxes, alone.boxes)
+            assert np.array_equal(together[i].kp_objects, alone.kp_objects)
+            p = get_preset(preset)
+            start = _unfused(batch[i : i + 1], preset, orig_hws[i])
+            ref, _ = reference_fuse(start, alone.scores, alone.kp_objects, p.conf_thres_kp_person, p.overwrite_tol)
+            assert np.array_equal(ref, alone.keypoints)
+        assert together[2].image_hw == (213, 320)
+        assert (together[2].boxes[:, 2] <= 320).all() and (together[2].boxes[:, 3] <= 213).all()
+
+
+def _unfused(pred, preset, orig_hw):
+    pd, _ = run_nms(pred, preset)
+    kps = rescale_dets(pd[0], INPUT_HW, orig_hw)[:, 6:].numpy().reshape(-1, 17, 2)
+    return np.concatenate((kps, np.zeros((len(kps), 17, 1))), 2)
+
+
+def test_empty_prediction():
+    pred = torch.zeros(2, 100, 57)
+    out = postprocess(pred, "val", INPUT_HW, [ORIG_HW, ORIG_HW], coco_schema())
+    assert len(out) == 2
+    for p in out:
+        assert len(p) == 0 and p.boxes.shape == (0, 4) and p.keypoints.shape == (0, 17, 3)
+        assert p.kp_objects.shape == (0, 6)
+
+
+def test_other_keypoint_counts():
+    schema = KeypointSchema(names=("a", "b", "c"), flip_index=(0, 2, 1))
+    assert num_keypoints_from_columns(15) == 3 and num_keypoints_from_columns(57) == 17
+    pred = torch.zeros(1, 4, 15)
+    pred[0, 0, :5] = torch.tensor([50.0, 50.0, 40.0, 40.0, 0.9])
+    pred[0, 0, 5] = 1.0
+    pred[0, 0, 9:] = torch.tensor([40.0, 40.0, 60.0, 40.0, 50.0, 60.0])
+    pred[0, 1, :5] = torch.tensor([61.0, 39.0, 8.0, 8.0, 0.95])
+    pred[0, 1, 7] = 1.0  # keypoint object of type b (class 2)
+    (poses,) = postprocess(pred, "demo", (128, 128), [(128, 128)], schema)
+    assert len(poses) == 1
+    assert poses.keypoints[0].tolist() == [[40.0, 40.0, 0.0], [61.0, 39.0, pytest.approx(0.95)], [50.0, 60.0, 0.0]]
+    assert poses.kp_objects[:, 5].tolist() == [1.0]
+
+
+def test_bad_inputs():
+    with pytest.raises(KapaoError, match="57"):
+        postprocess(torch.zeros(1, 10, 50), "val", INPUT_HW, [ORIG_HW], coco_schema())
+    with pytest.raises(KapaoError, match="columns"):
+        num_keypoints_from_columns(50)
+    with pytest.raises(KapaoError, match="image sizes"):
+        postprocess(torch.zeros(2, 10, 57), "val", INPUT_HW, [ORIG_HW], coco_schema())
+    with pytest.raises(KapaoError, match="run_nms"):
+        run_nms(torch.zeros(10, 57), "val")
+    with pytest.raises(KapaoError, match="kp_type"):
+        fuse_keypoints([np.zeros((1, 3, 3))], [np.ones(1)], [np.array([[0, 0, 1, 1, 0.9, 3]])], 0.1, 10)
+    with pytest.raises(KapaoError, match="unknown preset"):
+        postprocess(torch.zeros(1, 10, 57), "fast", INPUT_HW, [ORIG_HW], coco_schema())
+
+
+# ---------------------------------------------------------------------------------------------
+# the vectorized fusion equals the sequential loop, including adversarial orders
+
+
+def test_later_object_blocked_by_current_keypoint():
+    """Sequential semantics: object A moves person 0's keypoint; object B (same type, lower conf) then
+    finds person 0 nearest and may not overwrite it, so person 1 gets nothing, although B is
+    within tolerance of person 1's original keypoint."""
+    poses = np.zeros((2, 1, 3))
+    poses[0, 0, :2] = (0.0, 0.0)
+    poses[1, 0, :2] = (40.0, 0.0)
+    # A at (14, 0) goes to person 0 (14 vs 26 px); B at (24, 0) is then 10 px from person 0's new
+    # keypoint and 16 px from person 1: person 0 is nearest, and B is less confident than A
+    objs = np.array([[12, -1, 16, 1, 0.9, 0], [22, -1, 26, 1, 0.8, 0]], np.float32)
+    fused, n = fuse_keypoints([poses], [np.ones(2, np.float32)], [objs], 0.5, 50)
+    assert fused[0][:, 0].tolist() == [[14.0, 0.0, pytest.approx(0.9)], [40.0, 0.0, 0.0]]
+    assert n.tolist() == [[1]]
+    # a higher-confidence later object overwrites again (order, not confidence, drives the loop)
+    objs[1, 4] = 0.95
+    fused, n = fuse_keypoints([poses], [np.ones(2, np.float32)], [objs], 0.5, 50)
+    assert fused[0][:, 0].tolist() == [[24.0, 0.0, pytest.approx(0.95)], [40.0, 0.0, 0.0]]
+    assert n.tolist() == [[2]]
+    ref, ref_n = reference_fuse(poses, np.ones(2), objs, 0.5, 50)
+    assert np.array_equal(ref, fused[0]) and ref_n.tolist() == [2]
+
+
+def test_threshold_and_tolerance_are_strict():
+    poses = np.zeros((2, 1, 3))
+    poses[1, 0, :2] = (100.0, 100.0)
+    scores = np.array([0.3, 0.31], np.float32)  # person 0 at exactly the threshold: excluded
+    objs = np.array([[0, 0, 0, 0, 0.9, 0], [125, 100, 125, 100, 0.9, 0]], np.float32)  # dist 25 from person 1
+    fused, n = fuse_keypoints([poses], [scores], [objs], 0.3, 25)
+    assert n.tolist() == [[0]]  # obj 0 -> person 1 (only candidate) at dist 141; obj 1 at dist == tol
+    fused, n = fuse_keypoints([poses], [scores], [objs], 0.3, 25.0001)
+    assert n.tolist() == [[1]] and fused[0][1, 0].tolist() == [125.0, 100.0, pytest.approx(0.9)]
+    # a tie in confidence does not overwrite (strict >)
+    objs = np.array([[100, 100, 100, 100, 0.9, 0], [101, 100, 101, 100, 0.9, 0]], np.float32)
+    fused, n = fuse_keypoints([poses], [scores], [objs], 0.3, 25)
+    assert n.tolist() == [[1]] and fused[0][1, 0, 0] == 100.0
+
+
+def _random_case(rng, k, n_img):
+    poses, scores, objs = [], [], []
+    for _ in range(n_img):
+        n = int(rng.integers(0, 7))
+        p = np.zeros((n, k, 3))
+        p[..., :2] = rng.integers(0, 24, size=(n, k, 2))  # crowded: equal distances happen
+        p[..., 2] = rng.choice([0.0, 0.0, 0.3, 0.6], size=(n, k))  # some start with a stored conf
+        poses.append(p)
+        scores.append(rng.choice([0.1, 0.3, 0.30000001, 0.5, 0.9], size=n).astype(np.float32))
+        m = int(rng.integers(0, 40))
+        centre = rng.integers(-4, 28, size=(m, 2))
+        half = rng.integers(0, 3, size=(m, 2))  # odd widths make .5 means
+        o = np.zeros((m, 6), np.float32)
+        o[:, 0:2] = centre - half
+        o[:, 2:4] = centre + half + rng.integers(0, 2, size=(m, 2))
+        o[:, 4] = rng.choice([0.2, 0.35, 0.5, 0.5, 0.7, 0.9], size=m)  # ties, unsorted
+        o[:, 5] = rng.choice(np.arange(k), size=m, p=None if k < 3 else [0.6] + [0.4 / (k - 1)] * (k - 1))
+        if rng.random() < 0.5:
+            o = o[np.argsort(-o[:, 4], kind="stable")]  # NMS-like order half of the time
+        objs.append(o)
+    return poses, scores, objs
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_vectorized_fusion_equals_sequential(seed):
+    rng = np.random.default_rng(seed)
+    k = int(rng.choice([1, 2, 3, 17]))
+    poses, scores, objs = _random_case(rng, k, int(rng.integers(1, 4)))
+    thr, tol = float(rng.choice([0.0, 0.3])), float(rng.choice([3.0, 8.0, 15.0, 50.0]))
+    fused, n_fused = fuse_keypoints(poses, scores, objs, thr, tol)
+    for b in range(len(poses)):
+        ref, ref_n = reference_fuse(poses[b], scores[b], objs[b], thr, tol)
+        assert np.array_equal(fused[b], ref), (seed, b)
+        assert np.array_equal(n_fused[b], ref_n), (seed, b)
+        assert fused[b] is not poses[b]
+
+
+def test_fusion_many_objects_one_type():
+    """300 objects of one type chasing 40 persons in a small area (the slowest case for stepping)."""
+    rng = np.random.default_rng(7)
+    poses = np.zeros((40, 17, 3))
+    poses[..., :2] = rng.uniform(0, 60, size=(40, 17, 2)).astype(np.float32)
+    o = np.zeros((300, 6), np.float32)
+    c = rng.uniform(0, 60, size=(300, 2))
+    o[:, :2], o[:, 2:4] = c - 16, c + 16
+    o[:, 4] = rng.uniform(0.2, 1.0, 300)
+    o[:, 5] = 3
+    scores = np.full(40, 0.9, np.float32)
+    fused, n = fuse_keypoints([poses], [scores], [o], 0.3, 25)
+    ref, ref_n = reference_fuse(poses, scores, o, 0.3, 25)
+    assert np.array_equal(fused[0], ref) and np.array_equal(n[0], ref_n) and ref_n[3] > 10
+
+
+# ---------------------------------------------------------------------------------------------
+# the official checkpoint's predictions (e2e): NMS outputs -> poses at gains != 1
+
+
+def test_postprocess_dets_matches_e2e_predict(shared):
+    e2e = shared / "golden" / "e2e"
+    z = np.load(e2e / "predict.npz")
+    runs = json.loads((e2e / "predict.json").read_text())["runs"]
+    assert len(runs) == 20
+    for key, run in runs.items():
+        setting = run["setting"]
+        preset = get_preset(setting)
+        assert {k: getattr(preset, k) for k in ("conf_thres", "iou_thres", "conf_thres_kp", "iou_thres_kp",
+                                                 "conf_thres_kp_person", "overwrite_tol")} == {
+            k: run["thresholds"][k] for k in ("conf_thres", "iou_thres", "conf_thres_kp", "iou_thres_kp",
+                                              "conf_thres_kp_person", "overwrite_tol")}
+        pd = torch.from_numpy(z[f"{key}__person_dets"])
+        kd = torch.from_numpy(z[f"{key}__kp_dets"])
+        (poses,) = postprocess_dets([pd], [kd], preset, run["input_chw"][1:], [run["orig_hw"]], coco_schema())
+        assert np.array_equal(poses.keypoints, z[f"{key}__poses"]), key
+        assert np.array_equal(poses.boxes, z[f"{key}__bboxes"]), key
+        assert np.array_equal(poses.scores, z[f"{key}__scores"]), key
+        assert int((poses.keypoints[..., 2] > 0).sum()) == run["n_pose_kps_fused"], key
