@@ -11,6 +11,7 @@ from kapao.errors import KapaoError
 # verb -> module under kapao.cli; each module has add_parser(subparsers) and run(args) -> int
 VERBS: dict[str, str] = {
     "info": "kapao.cli.info",
+    "synth": "kapao.cli.synth",
 }
 
 
