@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS)
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -q --force-reinstall --no-deps --no-build-isolation --no-binary xtcocotools xtcocotools==1.14.3  # its wheel is built for numpy 1.x
 	touch $(STAMP)
 
 demo: $(STAMP)
