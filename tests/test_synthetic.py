@@ -188,6 +188,17 @@ def test_crowdpose_and_generic_schemas(tmp_path: Path):
         generate_dataset(tmp_path / "x", 1, 256, schema=loose)
 
 
+def test_small_persons_have_no_keypoints_as_in_coco(tmp_path: Path):
+    paths = generate_dataset(tmp_path / "s", 6, 320, (4, 6), seed=1, min_person=12, clutter=0)
+    d = _load(paths.annotations)
+    small = [a for a in d["annotations"] if a["area"] < 32 * 32]
+    assert small and all(a["num_keypoints"] == 0 and not any(a["keypoints"]) for a in small)
+    assert all(a["num_keypoints"] > 0 for a in d["annotations"] if a["area"] > 64 * 64)
+    paths = generate_dataset(tmp_path / "all", 6, 320, (4, 6), seed=1, min_person=12, clutter=0, min_kp_area=0)
+    d = _load(paths.annotations)
+    assert all(a["num_keypoints"] > 0 for a in d["annotations"] if a["area"] < 32 * 32 and a["bbox"][0] > 0)
+
+
 def test_random_people_cover_the_pose_space():
     rng = np.random.default_rng(0)
     figs = [build_human(sample_person(rng)) for _ in range(200)]
@@ -219,6 +230,8 @@ def test_cli_writes_dataset(tmp_path: Path, capsys):
         (["--val-images", "0"], "val images is 0"),
         (["--imgsz", "8"], "too small"),
         (["--data", "missing.yaml"], "not found"),
+        (["--clutter", "-1"], "clutter -1.0 is invalid"),
+        (["--min-person", "1"], "minimum person size"),
     ],
 )
 def test_cli_bad_args(tmp_path: Path, capsys, args, message):

@@ -518,6 +518,17 @@ def build_generic(rng: np.random.Generator, schema: KeypointSchema) -> Figure:
 # Scenes
 
 
+@dataclass(frozen=True)
+class SceneOptions:
+    """How scenes are drawn (everything else is random per image)."""
+
+    people: tuple[int, int] = (1, 6)  # persons per image, inclusive
+    aspect: tuple[float, float] = (1.0, 1.0)  # width / height range
+    min_person: float = 30.0  # long side of the smallest person, pixels (the largest fills ~90% of the image)
+    clutter: float = 1.0  # background shapes and foreground occluders: 0 none, 1 default, up to 3
+    min_kp_area: float = 32.0 * 32.0  # as COCO: persons whose box area is smaller get no keypoint labels
+
+
 @dataclass
 class Scene:
     """An image and its labels: keypoints (P, K, 3) as (x, y, v) in COCO convention (v=0 -> x=y=0),
@@ -528,27 +539,27 @@ class Scene:
     boxes: np.ndarray
 
 
-def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """Gradient + low-frequency noise + clutter shapes + fine noise."""
+def _background(rng: np.random.Generator, h: int, w: int, clutter: float = 1.0) -> np.ndarray:
+    """Gradient + low-frequency noise + clutter shapes (their number scales with `clutter`)."""
     c0, c1 = np.array(_random_color(rng), np.float32), np.array(_random_color(rng), np.float32)
     t = rng.uniform(0, 2 * math.pi)
     ramp = (np.arange(w, dtype=np.float32)[None, :] * math.cos(t) + np.arange(h, dtype=np.float32)[:, None] * math.sin(t))
     ramp = (ramp - ramp.min()) / max(float(ramp.max() - ramp.min()), 1.0)
     img = c0 + ramp[..., None] * (c1 - c0)
     cells = int(rng.integers(2, 12))
-    blob = rng.normal(0, rng.uniform(8, 45), (cells, cells, 3)).astype(np.float32)
+    blob = rng.normal(0, rng.uniform(8, 45) * min(clutter, 1.0), (cells, cells, 3)).astype(np.float32)
     img += cv2.resize(blob, (w, h), interpolation=cv2.INTER_CUBIC)
     img = np.clip(img, 0, 255).astype(np.uint8)
     if rng.random() < 0.4:  # ground plane below a horizon
         y0 = int(rng.uniform(0.3, 0.8) * h)
         cv2.rectangle(img, (0, y0), (w, h), _random_color(rng), -1)
-    if rng.random() < 0.2:  # stripes / tiles
+    if rng.random() < 0.2 * clutter:  # stripes / tiles
         step = int(rng.integers(8, 60))
         color = _random_color(rng)
         for x in range(int(rng.integers(0, step)), w + h, step * 2):
             cv2.line(img, (x, 0), (x - h if rng.random() < 0.5 else x, h), color, max(1, step // 3))
     s = max(h, w)
-    for _ in range(int(rng.integers(4, 30))):
+    for _ in range(int(rng.integers(4, 30) * clutter)):
         kind = rng.integers(5)
         color = _random_color(rng)
         x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
@@ -643,22 +654,23 @@ def render_scene(
     height: int,
     width: int,
     schema: KeypointSchema,
-    people: tuple[int, int] = (1, 6),
+    options: SceneOptions | None = None,
     persons: list[PersonSpec] | None = None,
     occluders: bool = True,
 ) -> Scene:
     """Draw one scene. `persons` (drawn in the given order, far to near) overrides the random people."""
+    opt = options or SceneOptions()
     mapping = keypoint_mapping(schema)
     if mapping is None:
         _check_generic(schema)
     h, w = int(height), int(width)
-    img = _background(rng, h, w)
+    img = _background(rng, h, w, opt.clutter)
     ids = np.zeros((h, w), np.int32)
 
     if persons is None:
-        n = int(rng.integers(people[0], people[1] + 1))
+        n = int(rng.integers(opt.people[0], opt.people[1] + 1))
         max_px = 0.92 * min(h, w) / max(1.0, math.sqrt(n / 2))
-        lo = min(30.0, max_px)
+        lo = min(opt.min_person, max_px)
         persons = []
         for _ in range(n):
             spec = sample_person(rng)
@@ -686,7 +698,7 @@ def render_scene(
             next_id += 1
         part_ids.append(pid)
 
-    if occluders and rng.random() < 0.25:  # poles, boxes and tables in front of the people
+    if occluders and rng.random() < 0.25 * opt.clutter:  # poles, boxes and tables in front of the people
         for _ in range(int(rng.integers(1, 3))):
             color = _random_color(rng)
             if rng.random() < 0.5:
@@ -718,8 +730,12 @@ def render_scene(
         x1, y1 = np.clip(shape_boxes[:, 2:].max(0), 0, [w, h])
         if x1 - x0 < 2 or y1 - y0 < 2:
             continue
-        xy = fig.joints[sel] * s + off
+        boxes_out.append([x0, y0, x1 - x0, y1 - y0])
         kp = np.zeros((len(sel), 3))
+        kps.append(kp)
+        if (x1 - x0) * (y1 - y0) < opt.min_kp_area:  # as COCO: small persons get a box, no keypoints
+            continue
+        xy = fig.joints[sel] * s + off
         for k, j in enumerate(sel):
             x, y = xy[k]
             v = int(fig.base_v[j])
@@ -733,8 +749,6 @@ def render_scene(
             if covered.sum() > mine.sum():
                 v = 1
             kp[k] = (round(float(x), 2), round(float(y), 2), v)
-        kps.append(kp)
-        boxes_out.append([x0, y0, x1 - x0, y1 - y0])
     k = len(sel)
     return Scene(
         img,
@@ -788,14 +802,12 @@ def _crowd_index(kps: np.ndarray, boxes: np.ndarray) -> float:
     return round(float(np.mean(vals)), 4) if vals else 0.0
 
 
-def _make_one(
-    task: tuple[int, str, int, int, tuple[int, int], tuple[float, float], KeypointSchema, str],
-) -> dict[str, Any]:
+def _make_one(task: tuple[int, str, int, int, SceneOptions, KeypointSchema, str]) -> dict[str, Any]:
     """Render image `index` of a split and write it; returns its COCO image entry and raw labels."""
-    index, split, seed, imgsz, people, aspect, schema, images_dir = task
+    index, split, seed, imgsz, opt, schema, images_dir = task
     rng = np.random.default_rng([seed, zlib.crc32(split.encode()), index])
-    h, w = _image_size(rng, imgsz, aspect)
-    scene = render_scene(rng, h, w, schema, people)
+    h, w = _image_size(rng, imgsz, opt.aspect)
+    scene = render_scene(rng, h, w, schema, opt)
     quality = int(rng.integers(80, 96))
     ok, buf = cv2.imencode(".jpg", scene.image, [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
@@ -805,7 +817,8 @@ def _make_one(
     return {"file_name": name, "height": h, "width": w, "keypoints": scene.keypoints, "boxes": scene.boxes}
 
 
-def _check_args(num_images: int, imgsz: int, people: tuple[int, int], aspect: tuple[float, float]) -> None:
+def _check_args(num_images: int, imgsz: int, opt: SceneOptions) -> None:
+    people, aspect = opt.people, opt.aspect
     if num_images < 1:
         raise KapaoError(f"number of images is {num_images}; ask for at least 1")
     if imgsz < 32:
@@ -814,6 +827,12 @@ def _check_args(num_images: int, imgsz: int, people: tuple[int, int], aspect: tu
         raise KapaoError(f"people range {people[0]}-{people[1]} is invalid; use MIN-MAX with 0 <= MIN <= MAX, MAX >= 1")
     if not 0.1 <= aspect[0] <= aspect[1] <= 10:
         raise KapaoError(f"aspect range {aspect[0]}-{aspect[1]} is invalid; use LO-HI with 0.1 <= LO <= HI <= 10")
+    if not 4 <= opt.min_person <= imgsz:
+        raise KapaoError(f"minimum person size {opt.min_person} px is invalid; use 4 to the image size ({imgsz})")
+    if not 0 <= opt.clutter <= 3:
+        raise KapaoError(f"clutter {opt.clutter} is invalid; use 0 (plain backgrounds) to 3 (busy), default 1")
+    if opt.min_kp_area < 0:
+        raise KapaoError(f"min_kp_area {opt.min_kp_area} is negative; use 0 to label every person's keypoints")
 
 
 def _mkdir(path: Path) -> None:
@@ -831,15 +850,24 @@ def generate_dataset(
     seed: int = 0,
     schema: KeypointSchema | None = None,
     split_name: str = "train",
+    *,
     aspect: tuple[float, float] = (1.0, 1.0),
+    min_person: float = 30.0,
+    clutter: float = 1.0,
+    min_kp_area: float = 32.0 * 32.0,
     workers: int = 1,
 ) -> SplitPaths:
     """Write `num_images` scenes to OUT/images/<split>/ and OUT/annotations/person_keypoints_<split>.json.
 
     Images have their long side = imgsz (width/height drawn from `aspect`), hold people[0]..people[1]
-    persons, and depend only on (seed, split_name, index), whatever `workers` is."""
+    persons (see SceneOptions for the rest), and depend only on (seed, split_name, index, options),
+    whatever `workers` is."""
     schema = schema or coco_schema()
-    _check_args(num_images, imgsz, people, aspect)
+    opt = SceneOptions(
+        (int(people[0]), int(people[1])), (float(aspect[0]), float(aspect[1])), float(min_person), float(clutter),
+        float(min_kp_area),
+    )
+    _check_args(num_images, imgsz, opt)
     if keypoint_mapping(schema) is None:
         _check_generic(schema)
     out = Path(out_dir)
@@ -849,7 +877,7 @@ def generate_dataset(
     _mkdir(images_dir)
     _mkdir(ann_dir)
 
-    tasks = [(i, split_name, int(seed), int(imgsz), people, aspect, schema, str(images_dir)) for i in range(num_images)]
+    tasks = [(i, split_name, int(seed), int(imgsz), opt, schema, str(images_dir)) for i in range(num_images)]
     if workers > 1 and num_images > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             results = list(pool.map(_make_one, tasks, chunksize=8))
@@ -915,16 +943,15 @@ def synthesize(
     people: tuple[int, int] = (1, 6),
     seed: int = 0,
     schema: KeypointSchema | None = None,
-    aspect: tuple[float, float] = (1.0, 1.0),
-    workers: int = 1,
+    **options: Any,
 ) -> Path:
     """A train split, a val split (default: a tenth of num_images, at least 1) and OUT/data.yaml;
-    returns the data YAML path."""
+    returns the data YAML path. `options`: the keyword options of generate_dataset (aspect,
+    min_person, clutter, min_kp_area, workers)."""
     schema = schema or coco_schema()
     nval = max(1, num_images // 10) if val_images is None else int(val_images)
-    _check_args(num_images, imgsz, people, aspect)
-    if nval < 1:
+    if num_images >= 1 and nval < 1:
         raise KapaoError(f"number of val images is {nval}; ask for at least 1 (val needs a split)")
-    generate_dataset(out_dir, num_images, imgsz, people, seed, schema, "train", aspect, workers)
-    generate_dataset(out_dir, nval, imgsz, people, seed, schema, "val", aspect, workers)
+    generate_dataset(out_dir, num_images, imgsz, people, seed, schema, "train", **options)
+    generate_dataset(out_dir, nval, imgsz, people, seed, schema, "val", **options)
     return write_data_yaml(out_dir, schema)
