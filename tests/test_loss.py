@@ -255,3 +255,24 @@ def test_label_smoothing_and_focal_change_the_class_loss(loss_golden):
     focal = KapaoLoss(anchors, dataclasses.replace(base, fl_gamma=1.5))(_preds(arrays), t)[1]
     assert smooth[2] != ref[2] and torch.equal(smooth[[0, 1, 3]], ref[[0, 1, 3]])
     assert focal[2] < ref[2] and focal[1] < ref[1] and torch.equal(focal[[0, 3]], ref[[0, 3]])
+
+
+def test_end_to_end_with_a_small_model_and_any_k():
+    """Train-mode forward of kapao-n for a 3-keypoint schema, loss, backward into the weights."""
+    from kapao.schema import KeypointSchema
+
+    torch.manual_seed(0)
+    schema = KeypointSchema(names=("a", "b", "c"), flip_index=(0, 2, 1))
+    model = KapaoModel("kapao-n", schema).train()
+    hyp = scale_hyp(load_hyp("hyp.kp-p6"), model.head.nl, schema.num_classes, 128)
+    loss_fn = KapaoLoss(model, hyp)
+    targets = torch.tensor([
+        [0, 0, 0.5, 0.5, 0.3, 0.6, 0.45, 0.3, 2, 0.55, 0.3, 2, 0.5, 0.7, 1],
+        [0, 1, 0.45, 0.3, 0.05, 0.05, 0.5, 0.5, 0, 0.5, 0.5, 0, 0.5, 0.5, 0],
+        [1, 0, 0.2, 0.3, 0.2, 0.4, 0.0, 0.0, 0, 0.25, 0.2, 2, 0.2, 0.4, 2],
+    ])
+    loss, items = loss_fn(model(torch.rand(2, 3, 128, 128)), targets)
+    loss.backward()
+    assert torch.isfinite(loss) and (items > 0).all()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert len(grads) == len(list(model.parameters())) and all(torch.isfinite(g).all() for g in grads)

@@ -110,14 +110,14 @@ def _bce(logits: torch.Tensor, target: torch.Tensor, pos_weight: torch.Tensor, g
     return (loss * alpha_t * (1.0 - p_t) ** gamma).mean()
 
 
-def _last_write_wins(shape: tuple[int, ...], lin: torch.Tensor) -> torch.Tensor:
-    """(n,) bool: True for the last occurrence of each linear index in `lin` (deterministic on any
-    device, unlike an indexed assignment with duplicates on CUDA)."""
-    n = lin.numel()
-    order = torch.arange(n, device=lin.device)
-    last = torch.full((math.prod(shape),), -1, dtype=torch.long, device=lin.device)
-    last.scatter_reduce_(0, lin, order, reduce="amax")
-    return last[lin] == order
+def _last_write_wins(lin: torch.Tensor) -> torch.Tensor:
+    """Indices into `lin` (n,) of the last occurrence of each distinct value: what a sequential
+    `x[lin] = v` keeps. Explicit, so it is deterministic on any device (an indexed assignment with
+    duplicate indices is not on CUDA); O(n log n) time and O(n) memory."""
+    sorted_lin, perm = torch.sort(lin, stable=True)
+    last = torch.ones_like(sorted_lin, dtype=torch.bool)
+    last[:-1] = sorted_lin[1:] != sorted_lin[:-1]
+    return perm[last]
 
 
 class KapaoLoss:
@@ -201,8 +201,9 @@ class KapaoLoss:
                 jx, jy = ((gxy % 1.0 < g) & (gxy > 1.0)).T
                 lx, ly = ((gxi % 1.0 < g) & (gxi > 1.0)).T
                 sel = torch.stack((torch.ones_like(jx), jx, jy, lx, ly))  # (5, m)
-                t = t.repeat((5, 1, 1))[sel]
-                offsets = (torch.zeros_like(gxy)[None] + off[:, None])[sel]
+                o_idx, r_idx = sel.nonzero(as_tuple=True)  # row-major: offset, then anchor, target
+                t = t[r_idx]
+                offsets = off[o_idx]
             else:
                 t = t_all[0]
                 offsets = torch.zeros((0, 2), device=device)
@@ -258,7 +259,7 @@ class KapaoLoss:
 
                 score = (1.0 - self.gr) + self.gr * iou.detach().clamp(0).to(tobj.dtype)
                 lin = ((lt.b * na + lt.a) * ny + lt.gj) * nx + lt.gi
-                win = _last_write_wins(tuple(tobj.shape), lin)
+                win = _last_write_wins(lin)
                 tobj.view(-1)[lin[win]] = score[win]
 
                 if nc > 1:
