@@ -418,9 +418,9 @@ def build_human(spec: PersonSpec) -> Figure:
     if tz(Ft) < -0.2:  # the front of the shirt faces the camera: V neckline
         torso_shapes.append(_Shape("poly", proj(np.stack(neckline3))[0], 0.0, col["neckline"], outline=False))
     # an arm or leg goes behind the torso only when it is behind most of the torso's thickness
-    parts.append(_Part("torso", float(tzs.mean()) + 0.85 * dep, torso_shapes))
+    parts.append(_Part("torso", float(tzs.mean()) + 1.2 * dep, torso_shapes))
     neck_w = 0.05 * thick * b["head"] ** 0.5
-    parts.append(_Part("neck", zz["neck"] + 0.85 * dep + 0.01, [_Shape("line", np.stack([pt["neck"], pt["head_center"]]), neck_w, skin)]))
+    parts.append(_Part("neck", zz["neck"] + 1.2 * dep + 0.01, [_Shape("line", np.stack([pt["neck"], pt["head_center"]]), neck_w, skin)]))
 
     # head: ears behind or in front of the skull, hair behind (facing) or over it, then the face
     fz = tz(Fh)
@@ -459,7 +459,7 @@ def build_human(spec: PersonSpec) -> Figure:
     base_v[_J["nose"]] = facing(fz, 0.25, 0.6)
     for s in ("left", "right"):
         base_v[_J[f"{s}_eye"]] = facing(eye_n[s], 0.1, 0.5)
-        base_v[_J[f"{s}_ear"]] = facing(dict(ears)[s], 0.35, 0.8)
+        base_v[_J[f"{s}_ear"]] = facing(dict(ears)[s], 0.6, 0.9)
 
     own: dict[str, tuple[str, ...]] = {n: ("head",) for n in ("nose", "head", "head_center")}
     for s in ("left", "right"):
