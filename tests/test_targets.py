@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from kapao.data.coco import load_keypoint_annotations
-from kapao.data.targets import format_label_lines, image_labels, labels_by_stem, letterbox_labels
+from kapao.data.targets import (
+    format_label_lines,
+    image_labels,
+    labels_by_stem,
+    letterbox_labels,
+    round_like_label_text,
+)
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +108,7 @@ def test_letterboxed_targets_match_official_dataloader(labels_golden, golden, tm
     rows = []
     for b, (stem, content_wh, pad) in enumerate((("100024", (640, 426), (0.0, 43.0)), ("100025", (640, 480), (0.0, 16.0)))):
         as_text = _parse(format_label_lines(lab[stem])).astype(np.float32)
+        np.testing.assert_array_equal(round_like_label_text(lab[stem]), as_text)  # same, without text
         out = letterbox_labels(as_text, content_wh, pad, (512, 640))
         rows.append(np.concatenate([np.full((len(out), 1), b, np.float32), out], 1))
     ours = np.concatenate(rows)
@@ -112,3 +119,18 @@ def test_letterboxed_targets_match_official_dataloader(labels_golden, golden, tm
     kp_obj = ours[ours[:, 1] > 0]
     np.testing.assert_allclose(kp_obj[kp_obj[:, 0] == 0][:, 7], 43 / 512)
     np.testing.assert_allclose(kp_obj[kp_obj[:, 0] == 1][:, 7], 16 / 512)
+
+
+def test_round_like_label_text_equals_the_text_round_trip():
+    rng = np.random.default_rng(0)
+    cases = [
+        rng.uniform(-1, 2, (5000, 6)),
+        (rng.integers(-(10**6), 2 * 10**6, (5000, 6)) + 0.5) / 1e6,  # near-ties: np.round gets half wrong
+        rng.integers(0, 2**20, (500, 6)) / 2**20,  # exact binary ties round to even
+        np.array([[0.0, 0.0984375, 0.0078125, 2.0, 1e-9, -2.5e-7]]),
+    ]
+    for x in cases:
+        x = np.concatenate([np.zeros((len(x), 1)), x], 1)  # class column first, as labels
+        np.testing.assert_array_equal(round_like_label_text(x), _parse(format_label_lines(x)).astype(np.float32))
+    assert (np.round(cases[1], 6).astype(np.float32) != _parse(format_label_lines(
+        np.concatenate([np.zeros((5000, 1)), cases[1]], 1)))[:, 1:].astype(np.float32)).any()

@@ -117,3 +117,31 @@ def letterbox_labels(
     y[:, 5::3] = (dt(float(content_wh[0])) * x[:, 5::3] + dt(padw)) / dt(out_w)
     y[:, 6::3] = (dt(float(content_wh[1])) * x[:, 6::3] + dt(padh)) / dt(out_h)
     return y
+
+
+def _two_product(a: np.ndarray, b: float) -> tuple[np.ndarray, np.ndarray]:
+    """p, e with p = fl(a * b) and a * b = p + e exactly (Dekker's product, no FMA needed)."""
+    split = 134217729.0  # 2^27 + 1
+    p = a * b
+    t = split * a
+    ah = t - (t - a)
+    al = a - ah
+    t = split * b
+    bh = t - (t - b)
+    bl = b - bh
+    e = ((ah * bh - p) + ah * bl + al * bh) + al * bl
+    return p, e
+
+
+def round_like_label_text(labels: np.ndarray) -> np.ndarray:
+    """float32 labels as the official label files give them back: every value rounded to 6
+    decimals exactly as '{:.6f}' rounds (the exact binary value, ties to even; plain np.round
+    differs at near-ties, e.g. 0.0984375), then parsed as float32. Vectorized; equals
+    `float32(format_label_lines(labels))` value for value."""
+    x = np.asarray(labels, np.float64)
+    p, e = _two_product(x, 1e6)  # x * 10^6 = p + e exactly
+    r = np.round(p)  # ties to even on p
+    d = p - r  # exact
+    r = np.where((d == 0.5) & (e > 0), r + 1, r)  # p was a tie but the true value lies above it
+    r = np.where((d == -0.5) & (e < 0), r - 1, r)  # ... or below it
+    return (r / 1e6).astype(np.float32)
