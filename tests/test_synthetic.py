@@ -86,7 +86,12 @@ def test_labels_match_the_image(coco_set: Path):
     assert np.all(k[..., :2][~lab] == 0)
     assert np.all(boxes[:, 2:] >= 2) and np.all(boxes[:, :2] >= 0) and np.all(boxes[:, :2] + boxes[:, 2:] <= 320)
     # the dataset has truncated persons, occluded (v=1) and visible keypoints, and a spread of sizes
-    truncated = (boxes[:, 0] <= 0) | (boxes[:, 1] <= 0) | (boxes[:, 0] + boxes[:, 2] >= 320) | (boxes[:, 1] + boxes[:, 3] >= 320)
+    truncated = (
+        (boxes[:, 0] <= 0)
+        | (boxes[:, 1] <= 0)
+        | (boxes[:, 0] + boxes[:, 2] >= 320)
+        | (boxes[:, 1] + boxes[:, 3] >= 320)
+    )
     assert truncated.sum() >= 3
     outside = (v == 0).any(1) & truncated
     assert outside.sum() >= 2, "truncated persons should lose keypoints outside the image"
@@ -107,7 +112,8 @@ def test_deterministic_per_seed(tmp_path: Path):
     assert not list(tmp_path.rglob("*.tmp*")), "temporary files must be renamed away"
 
 
-def _figure_kps(spec: PersonSpec, schema: KeypointSchema = coco_schema()) -> np.ndarray:
+def _figure_kps(spec: PersonSpec, schema: KeypointSchema | None = None) -> np.ndarray:
+    schema = schema or coco_schema()
     rng = np.random.default_rng(0)
     scene = render_scene(rng, 400, 400, schema, persons=[spec], occluders=False)
     assert scene.keypoints.shape == (1, schema.num_keypoints, 3)
@@ -151,7 +157,9 @@ def test_nearer_person_occludes_farther():
     far = _standing(0.0, 260, (200, 200))
     near = _standing(0.0, 300, (200, 200))
     near.pose["arm_abd_l"] = near.pose["arm_abd_r"] = 12.0
-    kps = render_scene(np.random.default_rng(1), 400, 400, coco_schema(), persons=[far, near], occluders=False).keypoints
+    kps = render_scene(
+        np.random.default_rng(1), 400, 400, coco_schema(), persons=[far, near], occluders=False
+    ).keypoints
     assert kps.shape == (2, 17, 3)
     # torso joints of the far person are behind the near one's body; the near person is fully visible
     i = {n: k for k, n in enumerate(COCO_NAMES)}
@@ -213,7 +221,9 @@ def test_random_people_cover_the_pose_space():
 
 def test_cli_writes_dataset(tmp_path: Path, capsys):
     out = tmp_path / "cli"
-    rc = cli_main(["synth", str(out), "--images", "3", "--val-images", "2", "--imgsz", "128", "--people", "1-2", "--seed", "5"])
+    rc = cli_main(
+        ["synth", str(out), "--images", "3", "--val-images", "2", "--imgsz", "128", "--people", "1-2", "--seed", "5"]
+    )
     assert rc == 0
     assert len(list((out / "images" / "train").glob("*.jpg"))) == 3
     assert len(list((out / "images" / "val").glob("*.jpg"))) == 2

@@ -29,8 +29,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--aspect", default="1-1", help="width/height range, LO-HI (default 1-1: square)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes identical files")
     p.add_argument("--data", default="coco-kp", help="data YAML whose keypoint schema to label (default coco-kp)")
-    p.add_argument("--min-person", type=float, default=30.0, help="long side of the smallest person in pixels (default 30)")
-    p.add_argument("--clutter", type=float, default=1.0, help="background clutter and occluders, 0 (none) to 3 (default 1)")
+    p.add_argument(
+        "--min-person", type=float, default=30.0, help="long side of the smallest person in pixels (default 30)"
+    )
+    p.add_argument(
+        "--clutter", type=float, default=1.0, help="background clutter and occluders, 0 (none) to 3 (default 1)"
+    )
     p.add_argument("--workers", type=int, default=1, help="processes to render with (output does not depend on it)")
 
 

@@ -420,7 +420,13 @@ def build_human(spec: PersonSpec) -> Figure:
     # an arm or leg goes behind the torso only when it is behind most of the torso's thickness
     parts.append(_Part("torso", float(tzs.mean()) + 1.2 * dep, torso_shapes))
     neck_w = 0.05 * thick * b["head"] ** 0.5
-    parts.append(_Part("neck", zz["neck"] + 1.2 * dep + 0.01, [_Shape("line", np.stack([pt["neck"], pt["head_center"]]), neck_w, skin)]))
+    parts.append(
+        _Part(
+            "neck",
+            zz["neck"] + 1.2 * dep + 0.01,
+            [_Shape("line", np.stack([pt["neck"], pt["head_center"]]), neck_w, skin)],
+        )
+    )
 
     # head: ears behind or in front of the skull, hair behind (facing) or over it, then the face
     fz = tz(Fh)
@@ -543,7 +549,7 @@ def _background(rng: np.random.Generator, h: int, w: int, clutter: float = 1.0) 
     """Gradient + low-frequency noise + clutter shapes (their number scales with `clutter`)."""
     c0, c1 = np.array(_random_color(rng), np.float32), np.array(_random_color(rng), np.float32)
     t = rng.uniform(0, 2 * math.pi)
-    ramp = (np.arange(w, dtype=np.float32)[None, :] * math.cos(t) + np.arange(h, dtype=np.float32)[:, None] * math.sin(t))
+    ramp = np.arange(w, dtype=np.float32)[None, :] * math.cos(t) + np.arange(h, dtype=np.float32)[:, None] * math.sin(t)
     ramp = (ramp - ramp.min()) / max(float(ramp.max() - ramp.min()), 1.0)
     img = c0 + ramp[..., None] * (c1 - c0)
     cells = int(rng.integers(2, 12))
@@ -689,7 +695,7 @@ def render_scene(
 
     next_id = 1
     part_ids: list[dict[str, int]] = []
-    for fig, (s, off) in zip(figures, placements):
+    for fig, (s, off) in zip(figures, placements, strict=True):
         pid: dict[str, int] = {}
         for part in sorted(fig.parts, key=lambda p: -p.depth):
             pid[part.name] = next_id
@@ -724,7 +730,7 @@ def render_scene(
 
     sel = np.asarray(mapping if mapping is not None else range(schema.num_keypoints))
     kps, boxes_out = [], []
-    for fig, (s, off), pid in zip(figures, placements, part_ids):
+    for fig, (s, off), pid in zip(figures, placements, part_ids, strict=True):
         shape_boxes = np.stack([_shape_box(sh, s, off) for part in fig.parts for sh in part.shapes])
         x0, y0 = np.clip(shape_boxes[:, :2].min(0), 0, [w, h])
         x1, y1 = np.clip(shape_boxes[:, 2:].max(0), 0, [w, h])
@@ -864,7 +870,10 @@ def generate_dataset(
     whatever `workers` is."""
     schema = schema or coco_schema()
     opt = SceneOptions(
-        (int(people[0]), int(people[1])), (float(aspect[0]), float(aspect[1])), float(min_person), float(clutter),
+        (int(people[0]), int(people[1])),
+        (float(aspect[0]), float(aspect[1])),
+        float(min_person),
+        float(clutter),
         float(min_kp_area),
     )
     _check_args(num_images, imgsz, opt)
@@ -887,11 +896,16 @@ def generate_dataset(
     images, annotations = [], []
     for i, res in enumerate(results):
         image_id = i + 1
-        entry: dict[str, Any] = {"id": image_id, "file_name": res["file_name"], "width": res["width"], "height": res["height"]}
+        entry: dict[str, Any] = {
+            "id": image_id,
+            "file_name": res["file_name"],
+            "width": res["width"],
+            "height": res["height"],
+        }
         if schema.evaluator == "crowdpose":
             entry["crowdIndex"] = _crowd_index(res["keypoints"], res["boxes"])
         images.append(entry)
-        for kp, box in zip(res["keypoints"], res["boxes"]):
+        for kp, box in zip(res["keypoints"], res["boxes"], strict=True):
             bw, bh = float(box[2]), float(box[3])
             annotations.append({
                 "id": len(annotations) + 1,
@@ -929,7 +943,9 @@ def write_data_yaml(out_dir: str | Path, schema: KeypointSchema, train: str = "t
         "val_annotations": f"annotations/person_keypoints_{val}.json",
         "keypoints": schema.to_dict(),
     }
-    text = "# kapao synthetic keypoint scenes (kapao synth)\n" + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
+    text = "# kapao synthetic keypoint scenes (kapao synth)\n" + yaml.safe_dump(
+        data, sort_keys=False, default_flow_style=None, width=100
+    )
     path = out / "data.yaml"
     _atomic_write(path, text.encode())
     return path
