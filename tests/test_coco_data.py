@@ -252,3 +252,21 @@ def test_default_cache_sits_beside_the_json(tmp_path):
     load_keypoint_annotations(js, img_dir, 3)
     assert len(list(tmp_path.glob("ann.*.kapao-cache.npz"))) == 1
     assert load_keypoint_annotations(js, img_dir, 3).summary.from_cache
+
+
+def test_many_images_checked_in_parallel_keep_json_order(tmp_path):
+    k = 1
+    images = [(i, 4 + i % 3, 5) for i in range(300)]
+    anns = [_ann(i, i, k, bbox=[0.0, 0.0, 2.0, 2.0]) for i in range(300)]
+    js, img_dir = _dataset(tmp_path, k, images=images, anns=anns)
+    data = json.loads(js.read_text())
+    data["images"] = data["images"][::-1]  # JSON order is kept, whatever it is
+    for i in (7, 150, 299):
+        (img_dir / f"{i}.png").unlink()
+    data["images"][10]["width"] = 6  # image 289
+    _write(js, data)
+    ann = load_keypoint_annotations(js, img_dir, k, cache=False)
+    expected = [i for i in range(299, -1, -1) if i not in (7, 150, 299, 289)]
+    assert ann.image_ids.tolist() == expected
+    assert [int(im.ann_ids[0]) for im in ann] == expected
+    assert ann.summary.skipped == {"missing_image": 3, "size_mismatch": 1, "on_skipped_image": 4}

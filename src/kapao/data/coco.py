@@ -21,6 +21,7 @@ import os
 import struct
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -267,10 +268,10 @@ def _parse(path: Path, data: dict[str, Any], image_dir: Path | None, k: int, che
     summary.images_listed = len(images)
     summary.annotations_listed = len(anns)
 
-    # Images, in JSON order.
-    img_index: dict[int, int] = {}
+    # Images, in JSON order: entry checks first, then the file checks (in parallel: I/O bound).
+    seen: set[int] = set()
+    entries: list[tuple[int, str, int, int]] = []
     skipped_ids: set[int] = set()
-    ids, files, hs, ws = [], [], [], []
     for entry in images:
         if not isinstance(entry, dict):
             summary.add("bad_image_entry", f"image entry {str(entry)[:60]!r} is not an object")
@@ -279,26 +280,37 @@ def _parse(path: Path, data: dict[str, Any], image_dir: Path | None, k: int, che
         h, w = _positive_int(entry.get("height")), _positive_int(entry.get("width"))
         if isinstance(iid, bool) or not isinstance(iid, int) or not isinstance(name, str) or not name or not h or not w:
             summary.add("bad_image_entry", f"image {iid!r} ({name!r}): needs an int id, a file_name and width/height > 0")
-            if isinstance(iid, int):
+            if isinstance(iid, int) and not isinstance(iid, bool):
                 skipped_ids.add(iid)
             continue
-        if iid in img_index or iid in skipped_ids:
+        if iid in seen or iid in skipped_ids:
             summary.add("duplicate_image_id", f"image id {iid} ({name}) is listed twice; the first entry is used")
             continue
-        if image_dir is not None and check_images != "none":
-            reason = _check_image(image_dir / name, h, w, check_images)
-            if reason is not None:
-                summary.add(reason[0], reason[1])
-                skipped_ids.add(iid)
-                continue
-        img_index[iid] = len(ids)
-        ids.append(iid)
-        files.append(name)
-        hs.append(h)
-        ws.append(w)
+        seen.add(iid)
+        entries.append((iid, name, h, w))
+    if image_dir is not None and check_images != "none":
+        def check(e: tuple[int, str, int, int]) -> tuple[str, str] | None:
+            return _check_image(image_dir / e[1], e[2], e[3], check_images)
+
+        workers = min(8, (os.cpu_count() or 1) * 2) if len(entries) > 256 else 1
+        if workers > 1:
+            with ThreadPoolExecutor(workers) as pool:
+                problems = list(pool.map(check, entries, chunksize=64))
+        else:
+            problems = [check(e) for e in entries]
+        for e, problem in zip(entries, problems):
+            if problem is not None:
+                summary.add(*problem)
+                skipped_ids.add(e[0])
+        entries = [e for e, problem in zip(entries, problems) if problem is None]
+    img_index = {e[0]: i for i, e in enumerate(entries)}
+    ids = [e[0] for e in entries]
+    files = [e[1] for e in entries]
+    hs = [e[2] for e in entries]
+    ws = [e[3] for e in entries]
 
     # Annotations: cheap structural checks per record, then vectorized value checks.
-    cand, cand_img, kp_rows, box_rows = [], [], [], []
+    cand, cand_img, kp_rows, box_rows, cand_ids, cand_crowd = [], [], [], [], [], []
     for a in anns:
         if not isinstance(a, dict):
             summary.add("bad_keypoints", f"annotation {str(a)[:60]!r} is not an object")
@@ -324,6 +336,8 @@ def _parse(path: Path, data: dict[str, Any], image_dir: Path | None, k: int, che
             continue
         cand.append(a)
         cand_img.append(img_index[iid])
+        cand_ids.append(_int_or(aid, -1))
+        cand_crowd.append(bool(a.get("iscrowd", 0)))
         kp_rows.append(kps)
         box_rows.append(box)
 
@@ -353,8 +367,8 @@ def _parse(path: Path, data: dict[str, Any], image_dir: Path | None, k: int, che
     kp = kp[idx]
     kp[kp[..., 2] == 0] = 0.0  # unlabelled keypoints are (0, 0, 0)
     counts = np.bincount(img_of, minlength=len(ids))
-    ann_ids = np.array([_int_or(cand[j].get("id"), -1) for j in idx], np.int64)
-    iscrowd = np.array([bool(cand[j].get("iscrowd", 0)) for j in idx], bool)
+    ann_ids = np.asarray(cand_ids, np.int64).reshape(-1)[idx]
+    iscrowd = np.asarray(cand_crowd, bool).reshape(-1)[idx]
     summary.images_kept = len(ids)
     return {
         "image_ids": np.asarray(ids, np.int64),
