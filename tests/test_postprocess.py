@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import kapao.postprocess
 from kapao.errors import KapaoError
 from kapao.postprocess import (
     fuse_keypoints,
@@ -309,8 +310,10 @@ def _random_case(rng, k, n_img):
     return poses, scores, objs
 
 
+@pytest.mark.parametrize("budget", [1, 64, 2048, 10**7])  # one object per step ... whole groups per step
 @pytest.mark.parametrize("seed", range(60))
-def test_vectorized_fusion_equals_sequential(seed):
+def test_vectorized_fusion_equals_sequential(seed, budget, monkeypatch):
+    monkeypatch.setattr(kapao.postprocess, "FUSE_STEP_BUDGET", budget)
     rng = np.random.default_rng(seed)
     k = int(rng.choice([1, 2, 3, 17]))
     poses, scores, objs = _random_case(rng, k, int(rng.integers(1, 4)))
@@ -323,8 +326,10 @@ def test_vectorized_fusion_equals_sequential(seed):
         assert fused[b] is not poses[b]
 
 
-def test_fusion_many_objects_one_type():
+@pytest.mark.parametrize("budget", [1, 2048])
+def test_fusion_many_objects_one_type(budget, monkeypatch):
     """300 objects of one type chasing 40 persons in a small area (the slowest case for stepping)."""
+    monkeypatch.setattr(kapao.postprocess, "FUSE_STEP_BUDGET", budget)
     rng = np.random.default_rng(7)
     poses = np.zeros((40, 17, 3))
     poses[..., :2] = rng.uniform(0, 60, size=(40, 17, 2)).astype(np.float32)
@@ -362,3 +367,50 @@ def test_postprocess_dets_matches_e2e_predict(shared):
         assert np.array_equal(poses.boxes, z[f"{key}__bboxes"]), key
         assert np.array_equal(poses.scores, z[f"{key}__scores"]), key
         assert int((poses.keypoints[..., 2] > 0).sum()) == run["n_pose_kps_fused"], key
+
+
+# ---------------------------------------------------------------------------------------------
+# presets
+
+
+def test_presets_values_and_overrides():
+    from dataclasses import FrozenInstanceError
+
+    from kapao.presets import preset_names
+
+    assert preset_names() == ["val", "demo", "demo_video"]
+    val, demo, video = get_preset("val"), get_preset("demo"), get_preset("demo_video")
+    assert (val.conf_thres, val.iou_thres, val.conf_thres_kp, val.iou_thres_kp, val.conf_thres_kp_person,
+            val.overwrite_tol) == (0.001, 0.65, 0.2, 0.25, 0.3, 50)
+    assert (demo.conf_thres, demo.iou_thres, demo.conf_thres_kp, demo.iou_thres_kp, demo.conf_thres_kp_person,
+            demo.overwrite_tol) == (0.7, 0.45, 0.5, 0.45, 0.2, 25)
+    assert (video.conf_thres, video.overwrite_tol) == (0.5, 50)
+    assert (video.iou_thres, video.conf_thres_kp, video.iou_thres_kp, video.conf_thres_kp_person) == (
+        demo.iou_thres, demo.conf_thres_kp, demo.iou_thres_kp, demo.conf_thres_kp_person)
+    for p in (val, demo, video):
+        assert p.use_kp_dets and p.max_det == 300 and p.max_nms == 30000 and not p.clip_all_keypoints
+    custom = get_preset("demo", conf_thres=0.6, max_det=50, iou_thres_kp=None)
+    assert custom.conf_thres == 0.6 and custom.max_det == 50 and custom.iou_thres_kp == 0.45
+    assert get_preset("demo").conf_thres == 0.7  # the shipped preset is unchanged
+    assert get_preset(custom) is custom and get_preset(custom, overwrite_tol=10).overwrite_tol == 10
+    with pytest.raises(FrozenInstanceError):
+        custom.conf_thres = 0.1
+    text = str(val)
+    assert "preset val" in text and "conf_thres_kp_person" in text and "separate" in text
+    assert "combined" in str(video)
+    assert val.to_dict()["iou_thres"] == 0.65
+
+
+def test_preset_errors():
+    with pytest.raises(KapaoError, match="unknown preset 'fast'.*val, demo, demo_video"):
+        get_preset("fast")
+    with pytest.raises(KapaoError, match="unknown field.*conf"):
+        get_preset("val", conf=0.3)
+    with pytest.raises(KapaoError, match="conf_thres is 1.5"):
+        get_preset("val", conf_thres=1.5)
+    with pytest.raises(KapaoError, match="overwrite_tol"):
+        get_preset("val", overwrite_tol=0)
+    with pytest.raises(KapaoError, match="max_det"):
+        get_preset("val", max_det=0)
+    with pytest.raises(KapaoError, match="use_kp_dets"):
+        get_preset("val", use_kp_dets="yes")

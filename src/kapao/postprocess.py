@@ -9,8 +9,9 @@ Raw rows (B, N, 5 + nc + 2K), nc = 1 + K, are in network-input pixels:
 2. `rescale_dets`: to original-image pixels (`kapao.data.letterbox.scale_boxes/scale_keypoints`).
 3. `fuse_keypoints`: each keypoint object, in NMS order, replaces the keypoint of its type of the
    person whose current keypoint is nearest, if more confident and closer than `overwrite_tol`.
-   Vectorized: one step per rank within a keypoint type, all types and images at once.
-4. `postprocess`: all of the above, one `Poses` per image.
+   Vectorized over images and keypoint types, and over runs of objects between overwrites.
+4. `postprocess(pred, ...)`: all of the above, one `Poses` per image; `postprocess_dets` starts
+   from `run_nms` outputs (e.g. when NMS ran elsewhere).
 
 All comparisons follow the official code: strict, in float32 for confidences.
 """
@@ -30,6 +31,9 @@ from kapao.results import Poses
 from kapao.schema import KeypointSchema
 
 MAX_WH = 4096  # class offset for class-aware NMS in one call (boxes of different classes never overlap)
+# distances computed per step of fuse_keypoints (sets how many objects per group a step looks at;
+# speed only, the result is the same for any value)
+FUSE_STEP_BUDGET = 2048
 
 
 def num_keypoints_from_columns(no: int) -> int:
@@ -146,9 +150,12 @@ def fuse_keypoints(
     The official code loops over objects: location = float32 mean of the box corners; the person
     whose CURRENT keypoint of that type is nearest (first on ties) is chosen; its keypoint is
     replaced by (x, y, conf) if conf > stored conf and distance < overwrite_tol (float64, strict).
-    An object only reads and writes keypoints of its own type, so the types (and the images) are
-    independent sequences: step r applies the r-th object of every (image, type) at once, which is
-    the same computation in a different interleaving. Steps = the longest sequence, not M.
+    Exact vectorization: an object only reads and writes keypoints of its own type, so every
+    (image, type) group is an independent sequence and all groups advance together. Within a
+    group, an object that does not overwrite changes nothing, so a step judges the next `window`
+    objects of each group against the current state at once, applies only the first overwrite,
+    and resumes after it (after the window if there was none). Steps <= overwrites + objects /
+    window per group; window = 1 is plain rank stepping. The result never depends on the window.
     """
     b_count = len(poses)
     if not (len(scores) == len(kp_objects) == b_count):
@@ -165,49 +172,63 @@ def fuse_keypoints(
         return out, n_fused
     pmax = int(n_person.max())
 
-    # per (image, person, type) state; padded persons sit at infinity so they are never nearest
-    pos = np.full((b_count, pmax, k, 2), np.inf)
-    conf = np.zeros((b_count, pmax, k))
+    # state per group g = (image, type) and person: x, y, conf; padded persons sit at infinity
+    # so they are never nearest
+    px = np.full((b_count * k, pmax), np.inf)
+    py = np.full((b_count * k, pmax), np.inf)
+    pc = np.zeros((b_count * k, pmax))
     for b in active:
-        pos[b, : n_person[b]] = out[b][masks[b], :, :2]
-        conf[b, : n_person[b]] = out[b][masks[b], :, 2]
+        chosen = out[b][masks[b]].transpose(1, 0, 2)  # (K, n, 3)
+        rows = slice(b * k, (b + 1) * k)
+        px[rows, : n_person[b]], py[rows, : n_person[b]], pc[rows, : n_person[b]] = chosen.transpose(2, 0, 1)
 
     o = np.concatenate([objs[b] for b in active])
     img = np.concatenate([np.full(len(objs[b]), b, dtype=np.int64) for b in active])
     kp_type = o[:, 5].astype(np.int64)
     if (kp_type < 0).any() or (kp_type >= k).any() or (o[:, 5] != kp_type).any():
         raise KapaoError(f"fuse_keypoints: kp_type must be an integer in 0..{k - 1}")
-    # float32 mean of the corners, as np.mean over two float32 values
-    xy = np.stack(((o[:, 0] + o[:, 2]) / np.float32(2), (o[:, 1] + o[:, 3]) / np.float32(2)), 1).astype(np.float64)
-    oconf = o[:, 4].astype(np.float64)
 
-    # table[r, g] = index of the r-th object of group g = (image, type), -1 when absent
+    # objects grouped by (image, type), each group keeping its sequence; a cursor per group
     group = img * k + kp_type
     order = np.argsort(group, kind="stable")
+    o = o[order]
+    # float32 mean of the corners, as np.mean over two float32 values
+    ox = ((o[:, 0] + o[:, 2]) / np.float32(2)).astype(np.float64)
+    oy = ((o[:, 1] + o[:, 3]) / np.float32(2)).astype(np.float64)
+    oc = o[:, 4].astype(np.float64)
     counts = np.bincount(group, minlength=b_count * k)
-    starts = np.cumsum(counts) - counts
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order)) - starts[group[order]]
-    table = np.full((int(counts.max()), b_count * k), -1, dtype=np.int64)
-    table[rank, group] = np.arange(len(group))
-
-    for row in table:  # one step per rank, all (image, type) groups together
-        g = np.flatnonzero(row >= 0)
-        j = row[g]
-        bi, ti = g // k, g % k
-        diff = pos[bi, :, ti] - xy[j][:, None, :]  # (G, P, 2)
-        sq = diff * diff
-        dist = np.sqrt(sq[..., 0] + sq[..., 1])  # as np.linalg.norm(axis=-1)
-        near = np.argmin(dist, axis=1)
-        ok = (oconf[j] > conf[bi, near, ti]) & (dist[np.arange(len(g)), near] < overwrite_tol)
-        bi, ti, near, j = bi[ok], ti[ok], near[ok], j[ok]
-        pos[bi, near, ti] = xy[j]
-        conf[bi, near, ti] = oconf[j]
-        n_fused[bi, ti] += 1
+    ends = np.cumsum(counts)
+    cursor = ends - counts
+    live = np.flatnonzero(counts)
+    fused_flat = n_fused.reshape(-1)
+    while live.size:
+        # the next `window` objects of every live group, all judged against the current state;
+        # the window widens as groups finish so that a long run of one type needs few steps
+        window = int(min(max(FUSE_STEP_BUDGET // (live.size * pmax), 1), (ends[live] - cursor[live]).max()))
+        idx = cursor[live, None] + np.arange(window)  # (G, W)
+        valid = idx < ends[live, None]
+        idx = np.minimum(idx, ends[live, None] - 1)
+        dx = px[live][:, None, :] - ox[idx][:, :, None]  # (G, W, P)
+        dy = py[live][:, None, :] - oy[idx][:, :, None]
+        dist = np.sqrt(dx * dx + dy * dy)  # as np.linalg.norm(axis=-1)
+        near = np.argmin(dist, axis=2)  # (G, W), first on ties
+        d_near = dist.min(axis=2)
+        ok = valid & (oc[idx] > pc[live[:, None], near]) & (d_near < overwrite_tol)
+        # objects before a group's first overwrite changed nothing, so their verdicts are final;
+        # apply that overwrite and resume right after it (or after the window if none)
+        hit = ok.any(1)
+        first = ok.argmax(1)
+        g = np.flatnonzero(hit)
+        j, p, gg = idx[g, first[g]], near[g, first[g]], live[g]
+        px[gg, p], py[gg, p], pc[gg, p] = ox[j], oy[j], oc[j]
+        fused_flat[gg] += 1
+        cursor[live] += np.where(hit, first + 1, window)
+        live = live[cursor[live] < ends[live]]
 
     for b in active:
-        out[b][masks[b], :, :2] = pos[b, : n_person[b]]
-        out[b][masks[b], :, 2] = conf[b, : n_person[b]]
+        rows = slice(b * k, (b + 1) * k)
+        n = n_person[b]
+        out[b][masks[b]] = np.stack((px[rows, :n], py[rows, :n], pc[rows, :n]), 2).transpose(1, 0, 2)
     return out, n_fused
 
 
