@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 import zipfile
 from pathlib import Path
 
@@ -191,3 +192,21 @@ def test_released_checkpoint_variants(ckpt_path, loaded, tmp_path):
         assert k == k2 and torch.equal(a, b), k
     assert meta.info["best_fitness"] == [0.0]
     assert meta.config.name == "kapao-s"
+
+
+def test_yaml_that_does_not_fit_the_tensors(ckpt_path, tmp_path):
+    """The config comes from the pickled yaml; tensors of another width are a clear error."""
+    key = b"X\x0e\x00\x00\x00width_multiple"  # BINUNICODE key, then a memo put, then BINFLOAT 0.5
+    old, new = b"G" + struct.pack(">d", 0.5), b"G" + struct.pack(">d", 0.75)
+
+    def edit(pkl: bytes) -> bytes:
+        i = pkl.index(key) + len(key)
+        j = pkl.index(old, i)
+        assert j - i <= 5  # only the memo put in between
+        return pkl[:j] + new + pkl[j + len(old) :]
+
+    dst = tmp_path / "wide.pt"
+    _rewrite_archive(ckpt_path, dst, "wide", drop_extra=False, pkl_edit=edit)
+    assert read_official(dst).yaml["width_multiple"] == 0.75
+    with pytest.raises(KapaoError, match=r"wide\.pt: tensor layers\.0\.conv\.conv\.weight has shape \(32, 12, 3, 3\)"):
+        load(dst)

@@ -108,3 +108,24 @@ def test_torch_file_without_official_model(tmp_path):
     assert torch.equal(load_torch_archive(f)["model"]["w"], torch.ones(2))
     with pytest.raises(KapaoError, match=r"state\.pt: no official model object under 'model' or 'ema'"):
         load(f)
+
+
+def test_state_only_on_stand_ins(tmp_path):
+    """BUILD (pickled state) is applied to stand-ins only, never to real objects such as an
+    OrderedDict or a tensor (Tensor.__setstate__ accepts hooks and storages)."""
+    pkl = b"\x80\x02ccollections\nOrderedDict\n)R}X\x01\x00\x00\x00aK\x01sb."
+    assert pickle.loads(pkl).a == 1  # a plain unpickler sets the attribute
+    f = torch_zip(tmp_path / "build.pt", pkl)
+    with pytest.raises(KapaoError, match=r"build\.pt: not a readable checkpoint .*state for a OrderedDict"):
+        load_torch_archive(f)
+
+
+def test_unknown_model_classes_are_inert(tmp_path):
+    """Any class under the official module paths becomes a stand-in: calling it runs nothing."""
+    marker = tmp_path / "payload_ran"
+    f = torch_zip(tmp_path / "odd.pt", in_dict(call_pickle("models.common", "system", f"touch {marker}")))
+    obj = load_torch_archive(f)["model"]
+    assert obj.qualname == "models.common.system" and obj.args == (f"touch {marker}",)
+    with pytest.raises(KapaoError, match=r"odd\.pt: no official model object"):
+        load(f)
+    assert not marker.exists()

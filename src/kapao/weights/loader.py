@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -165,7 +165,7 @@ def load(
             "(official KAPAO files) and kapao safetensors files are supported"
         )
     if entry is not None:
-        meta = WeightsMeta(**{**meta.__dict__, "registry": entry})
+        meta = replace(meta, registry=entry)
     try:
         model = model.to(dev)
     except (RuntimeError, AssertionError) as e:

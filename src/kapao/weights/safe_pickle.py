@@ -191,8 +191,15 @@ _FUNCTIONS: dict[str, Any] = {
 }
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Resolves globals from the allow-list above; storages come from `records` (zip archive)."""
+class _RestrictedUnpickler(pickle._Unpickler):
+    """Resolves globals from the allow-list above; storages come from `records` (zip archive).
+
+    The pure-Python unpickler (not the C one) so that BUILD can be restricted too: pickled state
+    may only be applied to stand-ins, never to a tensor or a container (`Tensor.__setstate__`
+    would accept hooks and storages).
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, data: bytes, path: Path, records: Callable[[str], bytes] | None, big_endian: bool):
         super().__init__(io.BytesIO(data))
@@ -218,6 +225,13 @@ class _RestrictedUnpickler(pickle.Unpickler):
             f"{self._path}: refused to load: its pickle references '{qualname}', which no KAPAO checkpoint "
             "contains (it could run code); use an official KAPAO .pt or a file written by kapao convert"
         )
+
+    def _load_build(self) -> None:
+        if not isinstance(self.stack[-2], StandIn):
+            raise pickle.UnpicklingError(f"pickled state for a {type(self.stack[-2]).__name__} is not allowed")
+        pickle._Unpickler.load_build(self)
+
+    dispatch[pickle.BUILD[0]] = _load_build
 
     def persistent_load(self, pid: Any) -> Any:
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
