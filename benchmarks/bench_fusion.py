@@ -102,9 +102,11 @@ def main() -> None:
     cases.append(("synthetic 300 objs, 17 types", synthetic_case(rng, 20, 300, one_type=False)))
     cases.append(("synthetic 300 objs, 1 type", synthetic_case(rng, 20, 300, one_type=True)))
     batch = [synthetic_case(rng, 20, 300, one_type=False) for _ in range(8)]
-    cases.append(("synthetic 8 images x 300 objs", tuple([sum((c[i] for c in batch), []) for i in range(3)] + [batch[0][3]])))
+    merged = tuple(sum((c[i] for c in batch), []) for i in range(3))
+    cases.append(("synthetic 8 images x 300 objs", (*merged, batch[0][3])))
 
-    head = f"{'case':<32} {'imgs':>4} {'persons':>8} {'kp objs':>8} {'max/type':>8} {'vectorized ms':>14} {'loop ms':>9} {'speedup':>8}"
+    head = (f"{'case':<32} {'imgs':>4} {'persons':>8} {'kp objs':>8} {'max/type':>8} "
+            f"{'vectorized ms':>14} {'loop ms':>9} {'speedup':>8}")
     print(head)
     print("-" * len(head))
     for label, (poses, scores, objs, preset) in cases:
@@ -117,8 +119,10 @@ def main() -> None:
         t_slow = best_ms(lambda: loop_fuse(poses, scores, objs, thr, tol), args.repeat)
         n_p = sum(len(p) for p in poses)
         n_o = sum(len(o) for o in objs)
-        print(f"{label:<32} {len(poses):>4} {n_p:>8} {n_o:>8} {steps:>8} {t_fast:>14.3f} {t_slow:>9.3f} {t_slow / t_fast:>7.1f}x")
-    print("\nbest of", args.repeat, "runs (the machine is shared); 'max/type' = the most objects of one keypoint type in an image")
+        print(f"{label:<32} {len(poses):>4} {n_p:>8} {n_o:>8} {steps:>8} "
+              f"{t_fast:>14.3f} {t_slow:>9.3f} {t_slow / t_fast:>7.1f}x")
+    print(f"\nbest of {args.repeat} runs (the machine is shared); "
+          "'max/type' = the most objects of one keypoint type in an image")
 
 
 if __name__ == "__main__":

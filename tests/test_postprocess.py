@@ -414,3 +414,22 @@ def test_preset_errors():
         get_preset("val", max_det=0)
     with pytest.raises(KapaoError, match="use_kp_dets"):
         get_preset("val", use_kp_dets="yes")
+
+
+def test_half_precision_predictions(preds):
+    """fp16 predictions (--half) go through NMS in float32 and give the float32 poses closely."""
+    full = postprocess(preds["crafted"], "demo", INPUT_HW, [ORIG_HW], coco_schema())[0]
+    half = postprocess(preds["crafted"].half(), "demo", INPUT_HW, [ORIG_HW], coco_schema())[0]
+    assert len(half) == len(full) and len(half.kp_objects) == len(full.kp_objects)
+    np.testing.assert_allclose(half.keypoints[..., :2], full.keypoints[..., :2], atol=0.5)
+    np.testing.assert_allclose(half.scores, full.scores, atol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_predictions_match_cpu(preds):
+    for preset in ("val", "demo", "demo_video"):
+        cpu = postprocess(preds["crafted"], preset, INPUT_HW, [ORIG_HW], coco_schema())[0]
+        gpu = postprocess(preds["crafted"].cuda(), preset, INPUT_HW, [ORIG_HW], coco_schema())[0]
+        assert len(gpu) == len(cpu)
+        np.testing.assert_allclose(gpu.keypoints, cpu.keypoints, rtol=1e-5, atol=2e-3)
+        np.testing.assert_allclose(gpu.scores, cpu.scores, atol=1e-5)

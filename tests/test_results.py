@@ -113,7 +113,8 @@ def test_csv(tmp_path, crafted_poses):
     out = write_csv([a, b], tmp_path / "sub" / "poses.csv")
     assert out.exists() and [f.name for f in out.parent.iterdir()] == ["poses.csv"]  # no temp file left
     rows = list(csv.reader(out.open()))
-    assert rows[0] == a.csv_header() and len(rows[0]) == 7 + 3 * 17 and rows[0][7:10] == ["nose_x", "nose_y", "nose_conf"]
+    assert rows[0] == a.csv_header() and len(rows[0]) == 7 + 3 * 17
+    assert rows[0][7:10] == ["nose_x", "nose_y", "nose_conf"]
     assert len(rows) == 1 + 4 + 2
     assert rows[1][0] == "img/a.jpg" and rows[1][1] == "0" and rows[5][0] == "1"  # no path: index in the list
     assert [float(v) for v in rows[2][7:]] == a.keypoints[1].reshape(-1).tolist()

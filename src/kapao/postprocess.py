@@ -39,7 +39,9 @@ FUSE_STEP_BUDGET = 2048
 def num_keypoints_from_columns(no: int) -> int:
     """K from the row width no = 5 + (1 + K) + 2K."""
     if no < 9 or (no - 6) % 3:
-        raise KapaoError(f"prediction rows have {no} columns; expected 5 + (1 + K) + 2K for K keypoints (e.g. 57 for COCO)")
+        raise KapaoError(
+            f"prediction rows have {no} columns; expected 5 + (1 + K) + 2K for K keypoints (e.g. 57 for COCO)"
+        )
     return (no - 6) // 3
 
 
@@ -77,8 +79,10 @@ def nms_kp(
         det = det[det[:, 4].argsort(descending=True)[:max_nms]]
     if det.shape[0] == 0:
         return det
-    boxes = det[:, :4] + det[:, 5:6] * MAX_WH
-    i = torchvision.ops.nms(boxes, det[:, 4], iou_thres)[:max_det]
+    # float32 for NMS: fp16 (--half) cannot hold the class offsets (16 * 4096 > 65504) and CPU
+    # torchvision has no fp16 kernel; a no-op for float32 input
+    boxes = det[:, :4].float() + det[:, 5:6].float() * MAX_WH
+    i = torchvision.ops.nms(boxes, det[:, 4].float(), iou_thres)[:max_det]
     return det[i]
 
 
