@@ -228,3 +228,46 @@ def test_split_source_and_errors(synth_yaml, tmp_path):
         KeypointDataset.from_data_yaml(synth_yaml, "val", imgsz=100)
     with pytest.raises(KapaoError, match="cache"):
         KeypointDataset.from_data_yaml(synth_yaml, "val", imgsz=256, cache="disk")
+
+
+# ------------------------------------------------------------------------------ kapao data show
+
+
+def test_draw_labels_known_answer():
+    from kapao.cli.data import POSE_COLOR, draw_labels
+
+    schema = coco_schema()
+    img = np.zeros((100, 200, 3), np.uint8)
+    row = np.zeros(5 + 3 * 17)
+    row[1:5] = (0.5, 0.5, 0.5, 0.6)  # pose box x 50..150, y 20..80
+    row[5 + 3 * 5: 8 + 3 * 5] = (0.4, 0.3, 2)  # left shoulder at (80, 30)
+    row[5 + 3 * 6: 8 + 3 * 6] = (0.6, 0.3, 2)  # right shoulder at (120, 30)
+    kp = np.zeros(5 + 3 * 17)
+    kp[:5] = (1 + 9, 0.25, 0.5, 0.05, 0.1)  # left wrist keypoint object: box 45..55 x 45..55
+    out = draw_labels(img, np.stack([row, kp]), schema)
+    assert tuple(out[20, 100]) == POSE_COLOR and tuple(out[80, 100]) == POSE_COLOR
+    assert tuple(out[50, 45]) == schema.colors[9]  # keypoint-object box edge in its keypoint's colour
+    assert tuple(out[30, 100]) != (0, 0, 0)  # the shoulder limb
+    assert tuple(out[30, 80]) == schema.colors[5]  # filled keypoint dot (v = 2)
+    assert out[90:, :40].max() == 0 and img.max() == 0  # nothing else drawn, input untouched
+
+
+def test_kapao_data_show_writes_a_grid(synth_yaml, tmp_path, capsys):
+    from kapao.cli.main import main
+
+    out = tmp_path / "grid.png"
+    assert main(["data", "show", str(synth_yaml), "--n", "8", "--imgsz", "256", "--seed", "1", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    grid = cv2.imread(str(out))
+    assert grid.shape == (3 * 256, 3 * 256, 3)
+    tiles = [grid[r * 256:(r + 1) * 256, c * 256:(c + 1) * 256] for r in range(3) for c in range(3)][:8]
+    # 8 samples from 6 images: all different (repeats get another epoch's augmentation)
+    assert len({t.tobytes() for t in tiles}) == 8
+    assert (grid == (255, 0, 255)).all(-1).sum() > 100  # pose-object boxes drawn
+    # val split, and a one-line error for a bad size
+    assert main(["data", "show", str(synth_yaml), "--split", "val", "--n", "2", "--imgsz", "256",
+                 "--out", str(tmp_path / "val.png")]) == 0
+    capsys.readouterr()
+    assert main(["data", "show", str(synth_yaml), "--imgsz", "100", "--out", str(tmp_path / "x.png")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "multiple of the stride" in err

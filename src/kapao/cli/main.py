@@ -12,6 +12,7 @@ from kapao.errors import KapaoError
 VERBS: dict[str, str] = {
     "info": "kapao.cli.info",
     "synth": "kapao.cli.synth",
+    "data": "kapao.cli.data",
     "convert": "kapao.cli.convert",
 }
 
