@@ -210,3 +210,35 @@ def test_yaml_that_does_not_fit_the_tensors(ckpt_path, tmp_path):
     assert read_official(dst).yaml["width_multiple"] == 0.75
     with pytest.raises(KapaoError, match=r"wide\.pt: tensor layers\.0\.conv\.conv\.weight has shape \(32, 12, 3, 3\)"):
         load(dst)
+
+
+def test_damaged_archives(ckpt_path, tmp_path):
+    """A missing storage record, a flipped byte (zip CRC) and a broken pickle: one-line errors."""
+    missing = tmp_path / "missing_record.pt"
+    with zipfile.ZipFile(ckpt_path) as zin, zipfile.ZipFile(missing, "w") as zout:
+        for name in zin.namelist():
+            if name != "last/data/7":
+                zout.writestr(name, zin.read(name))
+    with pytest.raises(KapaoError, match=r"missing_record\.pt: not a readable checkpoint .*record '7' is missing"):
+        load(missing)
+
+    data = bytearray(ckpt_path.read_bytes())
+    with zipfile.ZipFile(ckpt_path) as z:
+        info = z.getinfo("last/data/0")
+    off = info.header_offset  # local header: 30 bytes, then name and extra (torch pads the extra)
+    start = (
+        off
+        + 30
+        + int.from_bytes(data[off + 26 : off + 28], "little")
+        + int.from_bytes(data[off + 28 : off + 30], "little")
+    )
+    data[start + 5] ^= 0xFF  # a byte of the stored tensor data
+    flipped = tmp_path / "flipped.pt"
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(KapaoError, match=r"flipped\.pt: truncated or corrupt checkpoint .*CRC"):
+        load(flipped)
+
+    broken = tmp_path / "broken_pickle.pt"
+    _rewrite_archive(ckpt_path, broken, "last", drop_extra=False, pkl_edit=lambda pkl: pkl[: len(pkl) // 2])
+    with pytest.raises(KapaoError, match=r"broken_pickle\.pt: not a readable checkpoint"):
+        load(broken)

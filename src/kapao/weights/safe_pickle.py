@@ -237,7 +237,10 @@ class _RestrictedUnpickler(pickle._Unpickler):
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
             raise pickle.UnpicklingError(f"unsupported persistent id {str(pid)[:60]}")
         _, storage_type, key, _location, numel = pid[:5]
-        if not isinstance(storage_type, _StorageType) or not isinstance(key, str) or not isinstance(numel, int):
+        if (
+            not (isinstance(storage_type, _StorageType) and isinstance(key, str) and isinstance(numel, int))
+            or numel < 0
+        ):
             raise pickle.UnpicklingError("malformed storage record")
         if key in self._storages:
             return self._storages[key]
@@ -255,7 +258,9 @@ class _RestrictedUnpickler(pickle._Unpickler):
         else:
             t = torch.frombuffer(bytearray(raw[: numel * itemsize]), dtype=dtype)
             if self._big_endian and itemsize > 1:
-                t = torch.from_numpy(t.numpy().byteswap().copy()) if dtype != torch.bfloat16 else t
+                if dtype == torch.bfloat16:
+                    raise pickle.UnpicklingError("big-endian bfloat16 storages are not supported")
+                t = torch.from_numpy(t.numpy().byteswap().copy())
         self._storages[key] = t
         return t
 
