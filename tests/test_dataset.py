@@ -107,6 +107,8 @@ def test_loss_batch_matches_official_targets_and_images(loss_batch_dir, golden):
                          rect=True, batch_size=2)
     assert ds.batch_shapes.tolist() == meta["batch_shapes"]
     imgs, targets, paths, shapes = next(iter(create_dataloader(ds, 2)))
+    with pytest.raises(KapaoError, match="batch size 2"):
+        create_dataloader(ds, 4)
     assert [Path(p).name for p in paths] == meta["image_files_in_batch_order"]
     assert json.loads(json.dumps(shapes)) == meta["shapes"]
     assert imgs.dtype == torch.uint8 and imgs.shape == (2, 3, 512, 640)

@@ -136,6 +136,7 @@ class KeypointDataset(Dataset):
         self.aug = (hyp if isinstance(hyp, AugmentConfig) else
                     AugmentConfig.from_hyp(hyp) if hyp is not None else AugmentConfig()) if augment else None
         self.rect = bool(rect)
+        self.batch_size = int(batch_size)
         self.stride = int(stride)
         self.seed = int(seed)
         self.epoch = 0
@@ -285,9 +286,13 @@ def create_dataloader(
     sampler: Sampler | None = None,
 ) -> DataLoader:
     """A DataLoader with `collate`. Pass a `DistributedSampler` as `sampler` for DDP (shuffle is
-    then the sampler's). Rect val datasets keep their order (their batches are precomputed).
+    then the sampler's; call both `sampler.set_epoch(e)` and `dataset.set_epoch(e)` each epoch).
+    Rect val datasets keep their order (their batches are precomputed for their batch size).
     Workers are not persistent, so each epoch's workers see the current `set_epoch`."""
     if getattr(dataset, "rect", False):
+        if batch_size != dataset.batch_size:
+            raise KapaoError(f"rect dataset was built for batch size {dataset.batch_size}, the loader asks for "
+                             f"{batch_size}; build both with the same batch size")
         shuffle = False
     return DataLoader(
         dataset,
