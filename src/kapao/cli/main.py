@@ -11,6 +11,7 @@ from kapao.errors import KapaoError
 # verb -> module under kapao.cli; each module has add_parser(subparsers) and run(args) -> int
 VERBS: dict[str, str] = {
     "info": "kapao.cli.info",
+    "predict": "kapao.cli.predict",
     "synth": "kapao.cli.synth",
     "data": "kapao.cli.data",
     "convert": "kapao.cli.convert",
