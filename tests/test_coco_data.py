@@ -247,10 +247,12 @@ def test_cache_round_trip_and_invalidation(tmp_path, labels_golden):
     assert not rebuilt.summary.from_cache and len(rebuilt[0]) == 3
 
 
-def test_default_cache_sits_beside_the_json(tmp_path):
+def test_default_cache_goes_to_the_user_cache_not_the_dataset(tmp_path, monkeypatch):
+    monkeypatch.setenv("KAPAO_CACHE", str(tmp_path / "home"))
     js, img_dir = _dataset(tmp_path, 3)
     load_keypoint_annotations(js, img_dir, 3)
-    assert len(list(tmp_path.glob("ann.*.kapao-cache.npz"))) == 1
+    assert not list(tmp_path.glob("ann.*.kapao-cache.npz"))  # dataset folders stay untouched
+    assert len(list((tmp_path / "home" / "annotations").glob("ann.*.kapao-cache.npz"))) == 1
     assert load_keypoint_annotations(js, img_dir, 3).summary.from_cache
 
 

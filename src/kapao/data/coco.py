@@ -460,7 +460,7 @@ def _read_cache(path: Path, key: str) -> tuple[dict[str, Any], dict[str, Any]] |
 
 
 def default_cache_dir() -> Path:
-    """Where caches go when the JSON's own folder is read-only."""
+    """Where annotation caches go unless a cache_dir is given."""
     return Path(os.environ.get("KAPAO_CACHE", Path.home() / ".cache" / "kapao")) / "annotations"
 
 
@@ -486,8 +486,8 @@ def load_keypoint_annotations(
     clip_keypoints: clip keypoint x to [0, W] and y to [0, H] (the official CrowdPose behaviour).
     check_images:   'none', 'exists' (stat), 'header' (size from the PNG/JPEG header, default) or
                     'decode' (cv2.imread, slow): missing, unreadable or wrongly sized images are skipped.
-    cache:          reuse / write `<json stem>.<tag>.kapao-cache.npz` beside the JSON (or in
-                    `cache_dir`, or `default_cache_dir()` when the JSON's folder is read-only).
+    cache:          reuse / write `<json stem>.<tag>.kapao-cache.npz` in `cache_dir` (default
+                    `default_cache_dir()`, i.e. $KAPAO_CACHE or ~/.cache/kapao/annotations).
     """
     if check_images not in CHECK_MODES:
         raise KapaoError(f"check_images={check_images!r}; use one of {', '.join(CHECK_MODES)}")
@@ -508,7 +508,8 @@ def load_keypoint_annotations(
     if cache:
         raw = json_path.read_bytes()
         key = hashlib.blake2b(raw, digest_size=20).hexdigest() + "|" + opts
-        dirs = [Path(cache_dir)] if cache_dir is not None else [json_path.parent, default_cache_dir()]
+        # the user's cache folder by default: dataset folders may be shared or read-only
+        dirs = [Path(cache_dir) if cache_dir is not None else default_cache_dir()]
         cache_paths = [_cache_file(json_path, opts, d if d != json_path.parent else None) for d in dirs]
         for cp in cache_paths:
             if cp.is_file():
