@@ -160,6 +160,14 @@ def test_checksum_mismatch_cli(server, home, tmp_path, capsys, monkeypatch):
     assert list((home / "weights").iterdir()) == [] and not out.exists()
 
 
+def test_unwritable_cache(server, tmp_path, monkeypatch):
+    (tmp_path / "home_is_a_file").write_text("x")
+    monkeypatch.setenv("KAPAO_HOME", str(tmp_path / "home_is_a_file"))
+    with pytest.raises(KapaoError, match=r"home_is_a_file/weights: cannot write the weights cache .*KAPAO_HOME"):
+        fetch("kapao_s_coco", base_url=server.url, progress=False)
+    assert server.requests == []
+
+
 def test_unknown_name(home):
     with pytest.raises(KapaoError) as e:
         load("kapao_xl_coco")

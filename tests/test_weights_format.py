@@ -105,9 +105,13 @@ def test_save_refuses_fused_and_bad_info(tmp_path):
     model = KapaoModel("kapao-n", crowdpose_schema())
     with pytest.raises(KapaoError, match="info must be JSON"):
         save(model, tmp_path / "a.safetensors", info={"x": object()})
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(KapaoError, match=r"a_file/c\.safetensors: cannot write here"):
+        save(model, blocker / "c.safetensors")
     with pytest.raises(KapaoError, match="fused"):
         save(model.fuse(), tmp_path / "b.safetensors")
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == [blocker]
 
 
 def test_foreign_safetensors(tmp_path):

@@ -69,8 +69,11 @@ def save(model: KapaoModel, path: str | Path, info: dict[str, Any] | None = None
         "schema": json.dumps(model.schema.to_dict()),
         "info": info_json,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise KapaoError(f"{path}: cannot write here ({e.strerror}); choose another output path") from None
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)

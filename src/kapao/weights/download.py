@@ -49,7 +49,10 @@ def sha256_of(path: str | Path) -> str:
 
 def verify_sha256(path: Path, expected: str, what: str) -> None:
     """Raise KapaoError if the file's sha256 differs from `expected` (hex)."""
-    got = sha256_of(path)
+    try:
+        got = sha256_of(path)
+    except OSError as e:
+        raise KapaoError(f"{path}: cannot read ({e.strerror}); check the path and permissions") from None
     if got != expected.lower():
         raise KapaoError(f"{what}: sha256 mismatch (expected {expected.lower()}, got {got}); the file is corrupt "
                          "or not the published one: download it again")  # fmt: skip
@@ -79,9 +82,12 @@ def fetch(
         if sha256:
             verify_sha256(target, sha256, str(target))
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     url = weights_url(entry, base_url)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{entry.filename}.", suffix=".part", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{entry.filename}.", suffix=".part", dir=target.parent)
+    except OSError as e:
+        raise KapaoError(f"{target.parent}: cannot write the weights cache ({e.strerror}); set ${ENV_HOME}") from None
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out:
