@@ -15,6 +15,8 @@ VERBS: dict[str, str] = {
     "synth": "kapao.cli.synth",
     "data": "kapao.cli.data",
     "convert": "kapao.cli.convert",
+    "export": "kapao.cli.export",
+    "benchmark": "kapao.cli.benchmark",
 }
 
 

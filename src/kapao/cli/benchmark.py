@@ -1,0 +1,48 @@
+"""`kapao benchmark`: per-stage speed and pose agreement of each backend and precision."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+from pathlib import Path
+
+import torch
+
+from kapao.cli.export import add_model_source, load_model
+from kapao.errors import KapaoError
+from kapao.runtime.bench import BACKENDS, format_bounds, format_header, run_benchmark
+from kapao.runtime.quantize import IMAGE_SUFFIXES
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("benchmark", help="per-stage ms and images/s per backend and precision, on real images")
+    add_model_source(p)
+    p.add_argument("--images", required=True, help="folder of real images to time on")
+    p.add_argument("--n", type=int, default=20, help="images to time (the first n, sorted); the rest calibrate INT8")
+    p.add_argument("--imgsz", type=int, nargs="+", default=[640, 1024, 1280], help="inference sizes")
+    p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS,
+                   help="the first is the reference for the OKS agreement")
+    p.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime intra-op threads (default: torch's)")
+    p.add_argument("--preset", default="demo", help="post-processing thresholds (val, demo, demo_video)")
+    p.add_argument("--workdir", default=".kapao-bench", help="where exported/quantized ONNX files are cached")
+    p.add_argument("--no-bound", action="store_true", help="skip the 3x3-conv GFLOP/s measurement")
+
+
+def run(args: argparse.Namespace) -> int:
+    folder = Path(args.images)
+    if not folder.is_dir():
+        raise KapaoError(f"--images {folder}: not a folder; give a folder of real photos")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise KapaoError(f"--images {folder}: no .jpg/.png images in it")
+    timed, calib = files[: args.n], (files[args.n :] or files)
+    model = load_model(args)
+    threads = int(args.threads or torch.get_num_threads())
+    torch.set_num_threads(threads)
+    print(f"kapao benchmark: {model.cfg.name}, {len(timed)} images from {folder}, {threads} threads, "
+          f"torch {torch.__version__}, {platform.processor() or platform.machine()}")
+    if not args.no_bound:
+        print(format_bounds(threads))
+    print(format_header())
+    run_benchmark(model, timed, args.imgsz, args.backends, threads, args.preset, args.workdir, calib, log=print)
+    return 0

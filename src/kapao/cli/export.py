@@ -1,0 +1,67 @@
+"""`kapao export`: write a model (network + decode) as ONNX or TorchScript, optionally INT8."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from kapao.errors import KapaoError
+from kapao.models.kapao import KapaoModel
+from kapao.runtime.export import FORMATS, SUFFIXES, export
+
+
+def add_model_source(p: argparse.ArgumentParser) -> None:
+    """--weights (trained) or --cfg (untrained, seeded random weights: for trying the tools)."""
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--weights", help="weights file (official .pt, kapao .safetensors) or registry name")
+    g.add_argument("--cfg", help="model config (kapao-s, ...) with untrained weights, for trying the tools")
+    p.add_argument("--data", default=None, help="data YAML giving the keypoint schema (default with --cfg: coco-kp)")
+
+
+def load_model(args: argparse.Namespace) -> KapaoModel:
+    """The model named by --weights or --cfg, float32, eval mode."""
+    from kapao.schema import KeypointSchema
+
+    if args.weights:
+        from kapao.weights import load
+
+        schema = KeypointSchema.from_yaml(args.data) if args.data else None
+        model, _ = load(args.weights, schema=schema)
+        return model.float().eval()
+    return KapaoModel(args.cfg, KeypointSchema.from_yaml(args.data or "coco-kp")).eval()
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export to ONNX or TorchScript (network + decode, with metadata)")
+    add_model_source(p)
+    p.add_argument("--format", default="onnx", help=f"one of {', '.join(FORMATS)}")
+    p.add_argument("--imgsz", type=int, nargs="+", default=[640], help="input size: one value or height width")
+    p.add_argument("--dynamic", action="store_true", help="symbolic batch/height/width (ONNX)")
+    p.add_argument("--half", action="store_true", help="fp16 network (for GPU runtimes); the decode stays fp32")
+    p.add_argument("--simplify", action="store_true", help="constant-fold and fuse with ONNX Runtime's basic optimiser")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset")
+    p.add_argument("--int8", metavar="IMAGES", default=None,
+                   help="also write an INT8 ONNX file calibrated on this folder of real images")
+    p.add_argument("--calib-n", type=int, default=32, help="calibration images for --int8")
+    p.add_argument("--out", default=None, help="output file (default: <weights or cfg stem>.<format>)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.format not in FORMATS:
+        raise KapaoError(f"--format {args.format!r} is not supported; use one of {', '.join(FORMATS)}")
+    if args.int8 and args.format != "onnx":
+        raise KapaoError("--int8 quantizes an ONNX export; use it with --format onnx")
+    if args.int8 and args.half:
+        raise KapaoError("--int8 starts from the fp32 graph; drop --half")
+    model = load_model(args)
+    stem = Path(args.weights).stem if args.weights else args.cfg
+    out = Path(args.out) if args.out else Path(stem + SUFFIXES[args.format])
+    imgsz = args.imgsz[0] if len(args.imgsz) == 1 else args.imgsz
+    path = export(model, out, args.format, imgsz, args.dynamic, args.half, args.simplify, args.opset)
+    print(f"wrote {path} and {path.name}.json ({path.stat().st_size / 1e6:.1f} MB)")
+    if args.int8:
+        from kapao.runtime.quantize import quantize_int8
+
+        q = quantize_int8(path, path.with_name(path.stem + "-int8.onnx"), args.int8, args.calib_n)
+        print(f"wrote {q} and {q.name}.json ({q.stat().st_size / 1e6:.1f} MB)")
+    return 0

@@ -1,0 +1,286 @@
+"""Runtime benchmark: per-stage time and pose agreement of each backend/precision on real images.
+
+Stages per image: read (cv2.imread), pre (letterbox + to tensor), forward (backend), post (NMS +
+keypoint-object fusion, `kapao.postprocess`). Agreement: mean OKS between each backend's poses and
+the reference (first) backend's poses on the same images. Next to the results, the measured
+throughput bound of one large 3x3 convolution on this CPU in fp32, bf16 and int8.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kapao.data.letterbox import letterbox, preprocess_demo, read_image, to_chw_rgb
+from kapao.errors import KapaoError
+from kapao.models.kapao import KapaoModel
+from kapao.postprocess import postprocess
+from kapao.results import Poses
+from kapao.schema import KeypointSchema
+
+BACKENDS = ("torch-eager", "torch-fused", "torch-bf16", "ort-fp32", "ort-int8")
+STAGES = ("read", "pre", "forward", "post")
+
+
+@dataclass
+class BenchRow:
+    """One (backend, imgsz) measurement: mean ms per stage per image, and agreement."""
+
+    backend: str
+    imgsz: int
+    threads: int
+    ms: dict[str, float]
+    images: int
+    poses: int
+    mean_oks: float | None = None  # vs the reference backend's poses; None for the reference
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_ms(self) -> float:
+        return sum(self.ms.values())
+
+    @property
+    def images_per_s(self) -> float:
+        return 1000.0 / self.total_ms if self.total_ms > 0 else float("inf")
+
+
+def pose_oks(ref: Poses, other: Poses, sigmas: Sequence[float]) -> np.ndarray:
+    """OKS (n_ref, n_other) between two pose sets of one image, every keypoint counted, with the
+    reference pose's box area as the object scale (COCO's OKS with k = 2 sigma)."""
+    a = ref.keypoints[:, None, :, :2].astype(np.float64)
+    b = other.keypoints[None, :, :, :2].astype(np.float64)
+    d2 = ((a - b) ** 2).sum(-1)  # (n_ref, n_other, K)
+    wh = (ref.boxes[:, 2:4] - ref.boxes[:, 0:2]).astype(np.float64)
+    area = np.maximum(wh[:, 0] * wh[:, 1], 1.0)[:, None, None]
+    var = (2.0 * np.asarray(sigmas, np.float64)) ** 2
+    return np.exp(-d2 / (2.0 * area * var)).mean(-1)
+
+
+def mean_pose_oks(refs: Sequence[Poses], others: Sequence[Poses], sigmas: Sequence[float]) -> float:
+    """Mean OKS over greedily matched pose pairs (highest OKS first, one-to-one); a pose without a
+    partner on either side counts as 0. Images without poses on both sides are skipped; 1.0
+    when no image has any pose."""
+    scores: list[float] = []
+    for r, o in zip(refs, others):
+        n, m = len(r), len(o)
+        if n == 0 and m == 0:
+            continue
+        matched: list[float] = []
+        if n and m:
+            oks = pose_oks(r, o, sigmas)
+            for _ in range(min(n, m)):
+                i, j = np.unravel_index(int(np.argmax(oks)), oks.shape)
+                if oks[i, j] < 0:
+                    break
+                matched.append(float(oks[i, j]))
+                oks[i, :], oks[:, j] = -1.0, -1.0
+        scores += matched + [0.0] * (max(n, m) - len(matched))
+    return float(np.mean(scores)) if scores else 1.0
+
+
+def preprocess(img_bgr: np.ndarray, imgsz: int, backend: Any) -> torch.Tensor:
+    """The predictor's input: demo letterbox (minimal multiple-of-stride rectangle) or, for a
+    fixed-size graph, letterbox to exactly its size -> (1, 3, H, W) float32 in [0, 1]."""
+    if backend.fixed_hw is not None:
+        chw = to_chw_rgb(letterbox(img_bgr, backend.fixed_hw, auto=False, scaleup=True)[0])
+    else:
+        chw = preprocess_demo(img_bgr, imgsz, backend.stride)[0]
+    return torch.from_numpy(chw)[None].float() / 255.0
+
+
+def time_backend(
+    backend: Callable[[torch.Tensor], torch.Tensor],
+    files: Sequence[Path],
+    imgsz: int,
+    schema: KeypointSchema,
+    preset: str = "demo",
+    warmup: int = 1,
+) -> tuple[dict[str, float], list[Poses]]:
+    """Run the whole pipeline image by image; mean ms per stage (after `warmup` untimed images)
+    and the poses of every image."""
+    for f in list(files)[:warmup]:
+        x = preprocess(read_image(f), imgsz, backend)
+        backend(x)
+    acc = dict.fromkeys(STAGES, 0.0)
+    poses: list[Poses] = []
+    for f in files:
+        t0 = time.perf_counter()
+        img = read_image(f)
+        t1 = time.perf_counter()
+        x = preprocess(img, imgsz, backend)
+        t2 = time.perf_counter()
+        pred = backend(x)
+        t3 = time.perf_counter()
+        poses += postprocess(pred, preset, tuple(x.shape[2:]), [img.shape[:2]], schema, [str(f)])
+        t4 = time.perf_counter()
+        for k, dt in zip(STAGES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            acc[k] += dt * 1000.0
+    n = max(len(files), 1)
+    return {k: v / n for k, v in acc.items()}, poses
+
+
+def build_backend(
+    name: str,
+    model: KapaoModel,
+    imgsz: int,
+    workdir: Path,
+    threads: int,
+    calib_images: str | Path | Sequence[str | Path] | None = None,
+) -> Any:
+    """One named backend for `model` (copied, never modified). ONNX files are exported dynamic
+    (rect inputs, as the demo letterbox makes) into `workdir`; int8 is calibrated on `calib_images`."""
+    from kapao.runtime.torch_backend import TorchBackend
+
+    m = copy.deepcopy(model).float().eval()
+    if name == "torch-eager":
+        return TorchBackend(m, fuse=False)
+    if name == "torch-fused":
+        return TorchBackend(m, fuse=True)
+    if name == "torch-bf16":
+        from kapao.runtime.quantize import Bf16Backend
+
+        return Bf16Backend(m)
+    if name in ("ort-fp32", "ort-int8"):
+        from kapao.runtime.export import export_onnx
+        from kapao.runtime.onnx_backend import OnnxBackend
+
+        fp32 = workdir / f"{model.cfg.name}-{imgsz}-dynamic.onnx"
+        if not fp32.is_file():
+            export_onnx(m.fuse(), fp32, imgsz, dynamic=True)
+        if name == "ort-fp32":
+            return OnnxBackend(fp32, threads=threads)
+        from kapao.runtime.quantize import quantize_int8
+
+        if calib_images is None:
+            raise KapaoError("ort-int8 needs calibration images (a folder of real photos)")
+        int8 = workdir / f"{model.cfg.name}-{imgsz}-dynamic-int8.onnx"
+        if not int8.is_file():
+            quantize_int8(fp32, int8, calib_images)
+        return OnnxBackend(int8, threads=threads)
+    raise KapaoError(f"benchmark backend {name!r}: choose from {', '.join(BACKENDS)}")
+
+
+def conv_bound(precision: str, threads: int, channels: int = 256, size: int = 64, repeats: int = 5) -> float:
+    """Measured GFLOP/s (GOP/s for int8) of one 3x3 conv, channels -> channels on size x size:
+    fp32 and bf16 with torch (oneDNN, channels-last), int8 with ONNX Runtime's QLinearConv
+    (u8 activations, s8 weights, as the INT8 path). The best of `repeats` runs."""
+    flops = 2.0 * channels * channels * 9 * size * size
+    if precision in ("fp32", "bf16"):
+        dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+        torch.set_num_threads(threads)
+        conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False).to(dtype).eval()
+        conv = conv.to(memory_format=torch.channels_last)
+        x = torch.randn(1, channels, size, size).to(dtype).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            run: Callable[[], Any] = lambda: conv(x)  # noqa: E731
+            return flops / _best_time(run, repeats) / 1e9
+    if precision == "int8":
+        sess, feed = _int8_conv_session(channels, size, threads)
+        return flops / _best_time(lambda: sess.run(None, feed), repeats) / 1e9
+    raise KapaoError(f"conv bound precision {precision!r}: use fp32, bf16 or int8")
+
+
+def _best_time(fn: Callable[[], Any], repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def _int8_conv_session(channels: int, size: int, threads: int) -> tuple[Any, dict[str, np.ndarray]]:
+    from onnx import TensorProto, helper, numpy_helper
+
+    from kapao.runtime.onnx_backend import _import_ort, session_options
+
+    ort = _import_ort()
+    rng = np.random.default_rng(0)
+    w = rng.integers(-127, 128, size=(channels, channels, 3, 3), dtype=np.int8)
+    inits = [
+        numpy_helper.from_array(np.array(0.02, np.float32), "xs"),
+        numpy_helper.from_array(np.array(128, np.uint8), "xz"),
+        numpy_helper.from_array(w, "w"),
+        numpy_helper.from_array(np.full(channels, 0.01, np.float32), "ws"),
+        numpy_helper.from_array(np.zeros(channels, np.int8), "wz"),
+        numpy_helper.from_array(np.array(0.05, np.float32), "ys"),
+        numpy_helper.from_array(np.array(128, np.uint8), "yz"),
+    ]
+    node = helper.make_node("QLinearConv", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz"], ["y"], pads=[1, 1, 1, 1])
+    graph = helper.make_graph(
+        [node],
+        "conv_bound",
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, channels, size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.UINT8, [1, channels, size, size])],
+        inits,
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    sess = ort.InferenceSession(proto.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
+    x = rng.integers(0, 256, size=(1, channels, size, size), dtype=np.uint8)
+    return sess, {"x": x}
+
+
+def run_benchmark(
+    model: KapaoModel,
+    images: Sequence[str | Path],
+    imgsz_list: Sequence[int] = (640, 1024, 1280),
+    backends: Sequence[str] = BACKENDS,
+    threads: int | None = None,
+    preset: str = "demo",
+    workdir: str | Path = ".kapao-bench",
+    calib_images: str | Path | Sequence[str | Path] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[BenchRow]:
+    """Every backend at every imgsz on `images`; the first backend is the OKS reference."""
+    files = [Path(p) for p in images]
+    if not files:
+        raise KapaoError("benchmark: no images given; pass a folder of real photos")
+    threads = int(threads or torch.get_num_threads())
+    torch.set_num_threads(threads)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    rows: list[BenchRow] = []
+    for imgsz in imgsz_list:
+        ref_poses: list[Poses] | None = None
+        for name in backends:
+            backend = build_backend(name, model, imgsz, workdir, threads, calib_images)
+            ms, poses = time_backend(backend, files, imgsz, model.schema, preset)
+            row = BenchRow(name, imgsz, threads, ms, len(files), sum(len(p) for p in poses))
+            if ref_poses is None:
+                ref_poses = poses
+            else:
+                row.mean_oks = mean_pose_oks(ref_poses, poses, model.schema.oks_sigmas)
+            rows.append(row)
+            if log:
+                log(format_row(row))
+    return rows
+
+
+def format_header() -> str:
+    cols = "".join(f"{s + ' ms':>11}" for s in STAGES)
+    return f"{'backend':<14}{'imgsz':>6}{'thr':>4}{cols}{'total ms':>10}{'img/s':>8}{'poses':>7}{'OKS vs ref':>11}"
+
+
+def format_row(r: BenchRow) -> str:
+    cols = "".join(f"{r.ms[s]:>11.1f}" for s in STAGES)
+    oks = "ref" if r.mean_oks is None else f"{r.mean_oks:.4f}"
+    return f"{r.backend:<14}{r.imgsz:>6}{r.threads:>4}{cols}{r.total_ms:>10.1f}{r.images_per_s:>8.2f}{r.poses:>7}{oks:>11}"
+
+
+def format_bounds(threads: int) -> str:
+    """One line: the measured 3x3-conv bound in fp32 / bf16 / int8 on this CPU."""
+    parts = []
+    for p in ("fp32", "bf16", "int8"):
+        try:
+            parts.append(f"{p} {conv_bound(p, threads):.0f}")
+        except Exception as e:  # a precision this CPU/runtime lacks: say so, keep the rest
+            parts.append(f"{p} n/a ({type(e).__name__})")
+    return f"3x3 conv 256->256 @64x64, {threads} threads, GFLOP/s (GOP/s int8): " + ", ".join(parts)

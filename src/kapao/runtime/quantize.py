@@ -1,0 +1,213 @@
+"""Reduced precision: INT8 static quantization of an exported ONNX file, and bf16 autocast for torch.
+
+INT8 (ONNX Runtime, QDQ format, u8 activations / s8 per-channel weights, which run on VNNI): the
+backbone and neck are quantized with activation ranges calibrated on real images; the detection
+head's output convs and the whole decode stay in float. Quantizing those destroys the output: the
+keypoint offsets are multiplied by anchors of up to ~600 px, so one u8 step of a head logit moves
+a keypoint by several pixels.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kapao.data.letterbox import letterbox, preprocess_demo, read_image, to_chw_rgb
+from kapao.errors import KapaoError
+from kapao.io.writers import write_json
+from kapao.models.kapao import KapaoModel
+from kapao.runtime.export import METADATA_KEY, read_metadata, set_onnx_metadata, sidecar_path
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+
+
+def calibration_batches(
+    images: str | Path | Sequence[str | Path],
+    hw: tuple[int, int] | None,
+    imgsz: int = 640,
+    stride: int = 64,
+    limit: int = 32,
+) -> list[np.ndarray]:
+    """Up to `limit` images (a folder or a list of files) pre-processed as the predictor will:
+    letterboxed to exactly `hw` for a fixed-size graph, else the demo letterbox at `imgsz`
+    (minimal multiple-of-stride rectangle) -> list of (1, 3, H, W) float32 RGB in [0, 1]."""
+    if isinstance(images, (str, Path)):
+        folder = Path(images)
+        if not folder.is_dir():
+            raise KapaoError(f"{folder}: calibration images must be a folder of images or a list of files")
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    else:
+        files = [Path(p) for p in images]
+    files = files[:limit]
+    if not files:
+        raise KapaoError(f"{images}: no calibration images found (.jpg/.png/...); give a folder of real photos")
+    out = []
+    for f in files:
+        img = read_image(f)
+        if hw is not None:
+            chw = to_chw_rgb(letterbox(img, hw, auto=False, scaleup=True)[0])
+        else:
+            chw = preprocess_demo(img, imgsz, stride)[0]
+        out.append(chw[None].astype(np.float32) / 255.0)
+    return out
+
+
+def float_tail_nodes(model: Any) -> list[str]:
+    """Names of the nodes that must stay float: every node between the graph output and the last
+    convolutions before it (the head's 1x1 output convs, included), i.e. the head and the decode.
+    model: an onnx.ModelProto; its nodes must have names (the exporter names them)."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    keep: dict[str, Any] = {}
+    stack = [o.name for o in model.graph.output]
+    while stack:
+        node = producer.get(stack.pop())
+        if node is None or node.name in keep:
+            continue
+        keep[node.name] = node
+        if node.op_type != "Conv":
+            stack.extend(node.input)
+    if not any(n.op_type == "Conv" for n in keep.values()):
+        raise KapaoError("quantize: found no head convolutions before the output; is this a kapao export?")
+    return list(keep)
+
+
+class _Reader:
+    """onnxruntime.quantization CalibrationDataReader over pre-made batches."""
+
+    def __init__(self, name: str, batches: list[np.ndarray]):
+        self._it = iter([{name: b} for b in batches])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+
+def quantize_int8(
+    onnx_path: str | Path,
+    out_path: str | Path,
+    calib_images: str | Path | Sequence[str | Path],
+    num_images: int = 32,
+    method: str = "minmax",
+    per_channel: bool = True,
+    quant_format: str = "qoperator",
+) -> Path:
+    """Static INT8 quantization of an fp32 kapao ONNX file -> `out_path` (+ sidecar).
+
+    Calibrates activation ranges on `num_images` real images pre-processed as the predictor will
+    feed them (fixed graph: letterboxed to its size; dynamic: demo letterbox at its imgsz);
+    keeps the head's output convs and the decode in float (`float_tail_nodes`). The metadata is
+    copied with precision "int8". quant_format: "qoperator" (QLinearConv etc., the fastest on ORT
+    CPU here) or "qdq" (QuantizeLinear/DequantizeLinear pairs, portable to other runtimes).
+    """
+    try:
+        import onnx
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+    except ImportError:
+        raise KapaoError("INT8 quantization needs onnx and onnxruntime: pip install 'kapao[onnx]'") from None
+    onnx_path, out_path = Path(onnx_path), Path(out_path)
+    meta = read_metadata(onnx_path)
+    if meta.get("precision", "fp32") != "fp32":
+        raise KapaoError(f"{onnx_path}: INT8 quantization starts from an fp32 export, this one is {meta['precision']}")
+    if quant_format not in ("qoperator", "qdq"):
+        raise KapaoError(f"quantization format {quant_format!r}: use 'qoperator' or 'qdq'")
+    if method not in CALIBRATION_METHODS:
+        raise KapaoError(f"calibration method {method!r}: use one of {', '.join(CALIBRATION_METHODS)}")
+    hw = None if meta.get("dynamic") else (int(meta["imgsz"][0]), int(meta["imgsz"][1]))
+    batches = calibration_batches(calib_images, hw, max(meta["imgsz"]), int(meta["stride"]), num_images)
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".kapao-quant-") as tmpdir:
+        pre = Path(tmpdir) / "pre.onnx"
+        quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=True)
+        proto = onnx.load(str(pre))
+        exclude = float_tail_nodes(proto)
+        q = Path(tmpdir) / "int8.onnx"
+        quantize_static(
+            str(pre),
+            str(q),
+            _Reader(proto.graph.input[0].name, batches),
+            quant_format=QuantFormat.QOperator if quant_format == "qoperator" else QuantFormat.QDQ,
+            per_channel=per_channel,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=exclude,
+            calibrate_method={
+                "minmax": CalibrationMethod.MinMax,
+                "entropy": CalibrationMethod.Entropy,
+                "percentile": CalibrationMethod.Percentile,
+            }[method],
+        )
+        qproto = onnx.load(str(q))
+        meta = {**meta, "precision": "int8", "quantization": {
+            "format": quant_format, "activations": "uint8", "weights": "int8 per-channel" if per_channel else "int8",
+            "calibration": method, "calibration_images": len(batches), "float_nodes": len(exclude),
+        }}
+        set_onnx_metadata(qproto, meta)
+        tmp_out = Path(tmpdir) / "final.onnx"
+        onnx.save(qproto, str(tmp_out))
+        os.replace(tmp_out, out_path)
+    write_json(sidecar_path(out_path), meta, indent=1)
+    return out_path
+
+
+@contextmanager
+def exact_fp32() -> Iterator[None]:
+    """Ask torch for IEEE fp32 convolutions and matmuls (no implicit bf16/tf32 by oneDNN or cuDNN)
+    inside the block, restoring the previous settings after."""
+    saved = torch.get_float32_matmul_precision()
+    mk = torch.backends.mkldnn
+    saved_mk = getattr(mk, "fp32_precision", None)
+    saved_tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        torch.set_float32_matmul_precision("highest")
+        if saved_mk is not None:
+            mk.fp32_precision = "ieee"
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved)
+        if saved_mk is not None:
+            mk.fp32_precision = saved_mk
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved_tf32
+
+
+class Bf16Backend:
+    """backend(x (B, 3, H, W) float32 in [0, 1]) -> (B, N, 5 + nc + 2K) float32, input pixels.
+
+    Backbone and neck in bf16 (weights converted once, AVX512-BF16 convs, channels-last), then
+    the head's output convs and the decode in fp32: bf16 keeps 8 mantissa bits, so a bf16 decode
+    would put keypoints on a 4-8 px grid at 1024 px and a bf16 head would move them by up to ~5 px.
+    """
+
+    def __init__(self, model: KapaoModel, channels_last: bool = True):
+        model = model.eval().fuse().float()
+        model.requires_grad_(False)
+        model.layers.to(torch.bfloat16)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.channels_last = channels_last
+        self.schema = model.schema
+        self.stride = model.max_stride
+        self.fixed_hw: tuple[int, int] | None = None
+        self.name = "torch-bf16"
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(torch.bfloat16)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        feats = self.model.features(x)
+        return self.model.head.decode(self.model.head([f.float() for f in feats]))
+
+
+__all__ = ["METADATA_KEY", "Bf16Backend", "calibration_batches", "exact_fp32", "float_tail_nodes", "quantize_int8"]
