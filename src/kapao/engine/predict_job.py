@@ -5,6 +5,8 @@ This is what `kapao predict` does; the CLI only parses arguments into `PredictJo
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import time
 from dataclasses import dataclass, field
@@ -17,8 +19,8 @@ from tqdm import tqdm
 from kapao.engine.predictor import KAPAO
 from kapao.errors import KapaoError
 from kapao.io.sources import SourceError, resolve_source
-from kapao.io.writers import GifSink, VideoSink, next_run_dir, write_image, write_json
-from kapao.results import Poses, write_csv
+from kapao.io.writers import GifSink, VideoSink, atomic_write_bytes, next_run_dir, write_image, write_json
+from kapao.results import Poses
 from kapao.track import PoseTracker
 from kapao.viz import DrawOptions, draw_fps
 
@@ -75,8 +77,21 @@ def _image_id(path: str | None, fallback: int) -> int:
 
 
 def _check_display() -> None:
+    """Fail before any work when results cannot be shown (no screen, or an OpenCV without a GUI)."""
     if os.name != "nt" and not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
         raise KapaoError("--display needs a screen, and this session has none (DISPLAY is not set); save outputs instead")
+    import cv2
+
+    if hasattr(cv2, "currentUIFramework") and not cv2.currentUIFramework():
+        raise KapaoError(
+            "--display needs an OpenCV with a GUI, and this one has none (opencv-python-headless); "
+            "install opencv-python or save outputs instead"
+        )
+
+
+def _csv_label(frame: Any) -> str:
+    """CSV `image` column: the file for images, `VIDEO#FRAME` for video and webcam frames."""
+    return frame.path if frame.item.kind == "image" else f"{frame.path}#{frame.index}"
 
 
 def run_predict_job(model: KAPAO, job: PredictJob) -> PredictSummary:
@@ -89,6 +104,7 @@ def run_predict_job(model: KAPAO, job: PredictJob) -> PredictSummary:
     run_dir = next_run_dir(job.project, job.name, job.exist_ok)
     summary = PredictSummary(run_dir, errors=errors)
     all_poses: list[Poses] = []
+    csv_rows: list[list[Any]] = []
     coco: list[dict[str, Any]] = []
     sinks: dict[str, Any] = {}
     trackers: dict[str, PoseTracker] = {}
@@ -125,7 +141,17 @@ def run_predict_job(model: KAPAO, job: PredictJob) -> PredictSummary:
                 all_poses.append(poses)
                 image_id = _image_id(frame.path, len(all_poses)) if not is_video else frame.index
                 if job.save_json:
-                    coco.extend(poses.to_coco(image_id))
+                    dets = poses.to_coco(image_id)
+                    if poses.track_ids is not None:
+                        for det, tid in zip(dets, poses.track_ids.tolist()):
+                            det["track_id"] = tid
+                    coco.extend(dets)
+                if job.save_csv:
+                    rows = poses.csv_rows(image=_csv_label(frame))
+                    if job.track:
+                        tids = poses.track_ids.tolist() if poses.track_ids is not None else [""] * len(rows)
+                        rows = [row + [tid] for row, tid in zip(rows, tids)]
+                    csv_rows.extend(rows)
                 needs_drawing = job.save_images or job.gif or job.display
                 if needs_drawing:
                     drawn = poses.plot(frame.image, options=job.draw)
@@ -140,13 +166,22 @@ def run_predict_job(model: KAPAO, job: PredictJob) -> PredictSummary:
         if job.save_json:
             summary.outputs.append(write_json(run_dir / "predictions.json", coco))
         if job.save_csv and all_poses:
-            summary.outputs.append(write_csv(all_poses, run_dir / "predictions.csv"))
+            header = all_poses[0].csv_header() + (["track_id"] if job.track else [])
+            summary.outputs.append(_write_csv(run_dir / "predictions.csv", header, csv_rows))
     finally:
         for sink in sinks.values():
             sink.abort()
         bar.close()
     summary.seconds = time.perf_counter() - t_start
     return summary
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return atomic_write_bytes(path, buf.getvalue().encode())
 
 
 def _emit(job: PredictJob, summary: PredictSummary, sinks: dict[str, Any], frame: Any, drawn: np.ndarray) -> None:
