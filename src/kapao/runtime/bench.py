@@ -138,11 +138,13 @@ def build_backend(
     (rect inputs, as the demo letterbox makes) into `workdir`; int8 is calibrated on `calib_images`."""
     from kapao.runtime.torch_backend import TorchBackend
 
+    from kapao.runtime.quantize import ExactFp32Backend
+
     m = copy.deepcopy(model).float().eval()
     if name == "torch-eager":
-        return TorchBackend(m, fuse=False)
+        return ExactFp32Backend(TorchBackend(m, fuse=False))
     if name == "torch-fused":
-        return TorchBackend(m, fuse=True)
+        return ExactFp32Backend(TorchBackend(m, fuse=True))
     if name == "torch-bf16":
         from kapao.runtime.quantize import Bf16Backend
 
@@ -155,7 +157,7 @@ def build_backend(
         if not fp32.is_file():
             export_onnx(m.fuse(), fp32, imgsz, dynamic=True)
         if name == "ort-fp32":
-            return OnnxBackend(fp32, threads=threads)
+            return OnnxBackend(fp32, threads=threads, exact=True)
         from kapao.runtime.quantize import quantize_int8
 
         if calib_images is None:

@@ -142,7 +142,10 @@ def _onnx_embedded(path: Path) -> str | None:
         import onnx
     except ImportError:
         return None  # the sidecar carries the same; onnx is only needed to write files
-    m = onnx.load(str(path), load_external_data=False)
+    try:
+        m = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf DecodeError and friends
+        raise KapaoError(f"{path}: not a valid ONNX file ({type(e).__name__}); export it again with `kapao export`") from None
     for prop in m.metadata_props:
         if prop.key == METADATA_KEY:
             return prop.value

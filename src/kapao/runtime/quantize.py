@@ -23,7 +23,7 @@ from kapao.data.letterbox import letterbox, preprocess_demo, read_image, to_chw_
 from kapao.errors import KapaoError
 from kapao.io.writers import write_json
 from kapao.models.kapao import KapaoModel
-from kapao.runtime.export import METADATA_KEY, read_metadata, set_onnx_metadata, sidecar_path
+from kapao.runtime.export import read_metadata, set_onnx_metadata, sidecar_path
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -158,26 +158,52 @@ def quantize_int8(
     return out_path
 
 
+def _fp32_knobs() -> list[Any]:
+    """torch's per-backend fp32 precision settings (torch >= 2.9): oneDNN matmul/conv/rnn (which
+    may run fp32 work in bf16 on CPUs with AVX512-BF16/AMX), CUDA matmul, cuDNN conv/rnn (tf32)."""
+    b = torch.backends
+    knobs = [b.mkldnn.matmul, b.mkldnn.conv, b.mkldnn.rnn, b.cuda.matmul, b.cudnn.conv, b.cudnn.rnn]
+    return [k for k in knobs if hasattr(k, "fp32_precision")]
+
+
 @contextmanager
 def exact_fp32() -> Iterator[None]:
-    """Ask torch for IEEE fp32 convolutions and matmuls (no implicit bf16/tf32 by oneDNN or cuDNN)
-    inside the block, restoring the previous settings after."""
-    saved = torch.get_float32_matmul_precision()
-    mk = torch.backends.mkldnn
-    saved_mk = getattr(mk, "fp32_precision", None)
-    saved_tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    try:
+    """Ask torch explicitly for IEEE fp32 convolutions and matmuls inside the block (no implicit
+    bf16 or tf32 by oneDNN, CUDA or cuDNN), restoring the previous settings after."""
+    knobs = _fp32_knobs()
+    if not knobs:  # torch < 2.9: the legacy switches
+        saved_legacy = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
         torch.set_float32_matmul_precision("highest")
-        if saved_mk is not None:
-            mk.fp32_precision = "ieee"
-        torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(saved_legacy[0])
+            torch.backends.cudnn.allow_tf32 = saved_legacy[1]
+        return
+    saved = [k.fp32_precision for k in knobs]
+    try:
+        for k in knobs:
+            k.fp32_precision = "ieee"
         yield
     finally:
-        torch.set_float32_matmul_precision(saved)
-        if saved_mk is not None:
-            mk.fp32_precision = saved_mk
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved_tf32
+        for k, v in zip(knobs, saved):
+            k.fp32_precision = v
+
+
+class ExactFp32Backend:
+    """Wraps a torch backend so that every call runs under `exact_fp32()`: the explicit fp32 mode."""
+
+    def __init__(self, backend: Any):
+        self.backend = backend
+        self.schema = backend.schema
+        self.stride = backend.stride
+        self.fixed_hw = getattr(backend, "fixed_hw", None)
+        self.name = f"{backend.name}-fp32"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with exact_fp32():
+            return self.backend(x)
 
 
 class Bf16Backend:
@@ -210,4 +236,4 @@ class Bf16Backend:
         return self.model.head.decode(self.model.head([f.float() for f in feats]))
 
 
-__all__ = ["METADATA_KEY", "Bf16Backend", "calibration_batches", "exact_fp32", "float_tail_nodes", "quantize_int8"]
+__all__ = ["Bf16Backend", "ExactFp32Backend", "calibration_batches", "exact_fp32", "float_tail_nodes", "quantize_int8"]

@@ -1,0 +1,236 @@
+"""Runtime backends: ONNX Runtime (fp32, INT8), bf16 torch; poses after post-processing equal the
+official pipeline's; clear errors; the benchmark's agreement metric and bound measurement."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kapao.errors import KapaoError
+from kapao.models.kapao import KapaoModel
+from kapao.postprocess import postprocess
+from kapao.results import Poses
+from kapao.runtime.bench import conv_bound, mean_pose_oks, pose_oks, run_benchmark
+from kapao.runtime.export import export_onnx, sidecar_path
+from kapao.runtime.quantize import Bf16Backend, calibration_batches, exact_fp32, float_tail_nodes, quantize_int8
+from kapao.schema import coco_schema, crowdpose_schema
+from weight_rule import apply_weight_rule
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+from kapao.runtime.onnx_backend import OnnxBackend, session_options  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model() -> KapaoModel:
+    m = KapaoModel("kapao-s", coco_schema())
+    apply_weight_rule(m, 0)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def onnx_256(model: KapaoModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_onnx(model, tmp_path_factory.mktemp("rt") / "s256.onnx", imgsz=256)
+
+
+@pytest.fixture(scope="module")
+def coco_images(shared: Path) -> list[Path]:
+    files = sorted((shared / "data" / "coco_mini" / "images").glob("*.jpg"))
+    assert len(files) >= 40
+    return files
+
+
+def test_backend_interface(onnx_256: Path) -> None:
+    b = OnnxBackend(onnx_256, threads=1, optimization="extended")
+    assert b.schema.to_dict() == coco_schema().to_dict() and b.stride == 64 and b.fixed_hw == (256, 256)
+    assert b.name == "onnxruntime-cpu-fp32" and b.precision == "fp32"
+    x = torch.rand(3, 3, 256, 256, generator=torch.Generator().manual_seed(1))
+    out = b(x)  # a fixed batch-1 graph runs a batch image by image
+    assert out.shape == (3, 3 * (32 * 32 + 16 * 16 + 8 * 8 + 4 * 4), 57)  # 3 anchors x cells of 4 levels
+    assert out.dtype == torch.float32
+    np.testing.assert_array_equal(out[1:2].numpy(), b(x[1:2]).numpy())
+
+
+def test_optimization_levels_agree(onnx_256: Path) -> None:
+    x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(2))
+    ref = OnnxBackend(onnx_256, optimization="disable", exact=True)(x)
+    for level in ("basic", "all"):
+        out = OnnxBackend(onnx_256, optimization=level)(x)
+        np.testing.assert_allclose(out[..., 4:23].numpy(), ref[..., 4:23].numpy(), atol=1e-5)
+        np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-5, atol=0.0127)
+
+
+def test_poses_equal_official_pipeline(golden: Path, model: KapaoModel, tmp_path: Path) -> None:
+    """ORT output through kapao.postprocess == the official demo post-processing of the official
+    forward on the same input (postprocess.npz, forward__demo_image)."""
+    fwd = np.load(golden / "forward_s640.npz")
+    pp = np.load(golden / "postprocess.npz")
+    path = export_onnx(model, tmp_path / "s.onnx", imgsz=(448, 640))
+    pred = OnnxBackend(path)(torch.from_numpy(fwd["input"]))
+    (poses,) = postprocess(pred, "demo", (448, 640), [(426, 640)], coco_schema())
+    key = "forward__demo_image__"
+    assert len(poses) == len(pp[key + "scores"]) == 6
+    np.testing.assert_allclose(poses.scores, pp[key + "scores"], atol=1e-5)
+    # boxes are rounded to whole pixels: a 0.0127 px (fused BN) shift may cross a .5 boundary
+    np.testing.assert_allclose(poses.boxes, pp[key + "bboxes"], atol=1.0)
+    np.testing.assert_allclose(poses.keypoints[..., :2], pp[key + "poses"][..., :2], rtol=1e-5, atol=0.0127)
+    np.testing.assert_allclose(poses.keypoints[..., 2], pp[key + "poses"][..., 2], atol=1e-5)
+
+
+def test_sidecar_of_another_schema(model: KapaoModel, onnx_256: Path, tmp_path: Path) -> None:
+    proto = onnx.load(str(onnx_256))
+    del proto.metadata_props[:]
+    bare = tmp_path / "bare.onnx"
+    onnx.save(proto, str(bare))
+    with pytest.raises(KapaoError, match="no kapao metadata inside the file and no sidecar bare.onnx.json"):
+        OnnxBackend(bare)
+    meta = json.loads(sidecar_path(onnx_256).read_text())
+    meta["schema"] = crowdpose_schema().to_dict()
+    sidecar_path(bare).write_text(json.dumps(meta))
+    with pytest.raises(KapaoError, match=r"outputs 57 columns but .* \(K=14\) needs 48"):
+        OnnxBackend(bare)
+    sidecar_path(bare).write_text("{not json")
+    with pytest.raises(KapaoError, match="not valid JSON"):
+        OnnxBackend(bare)
+
+
+def test_bad_calls(onnx_256: Path, tmp_path: Path) -> None:
+    b = OnnxBackend(onnx_256)
+    with pytest.raises(KapaoError, match="fixed to 256x256 but got 256x320; letterbox to 256x256 or export with --dynamic"):
+        b(torch.zeros(1, 3, 256, 320))
+    with pytest.raises(KapaoError, match=r"input must be \(B, 3, H, W\)"):
+        b(torch.zeros(3, 256, 256))
+    with pytest.raises(KapaoError, match="optimization 'max'"):
+        OnnxBackend(onnx_256, optimization="max")
+    with pytest.raises(KapaoError, match="use 'cpu' or 'cuda'"):
+        OnnxBackend(onnx_256, providers="tpu")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(KapaoError, match="install onnxruntime-gpu"):
+            OnnxBackend(onnx_256, providers="cuda")
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not an onnx file")
+    sidecar_path(junk).write_text(sidecar_path(onnx_256).read_text())
+    with pytest.raises(KapaoError, match="not a valid ONNX file|ONNX Runtime cannot load it"):
+        OnnxBackend(junk)
+
+
+def test_missing_onnxruntime(onnx_256: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    with pytest.raises(KapaoError, match=r"pip install 'kapao\[onnx\]'"):
+        OnnxBackend(onnx_256)
+
+
+def test_session_options() -> None:
+    so = session_options(threads=3, optimization="basic", exact=True)
+    assert so.intra_op_num_threads == 3 and so.inter_op_num_threads == 1
+    assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    assert so.get_session_config_entry("mlas.enable_gemm_fastmath_arm64_bfloat16") == "0"
+
+
+def test_float_tail_is_head_and_decode(onnx_256: Path) -> None:
+    proto = onnx.load(str(onnx_256))
+    tail = set(float_tail_nodes(proto))
+    by_name = {n.name: n for n in proto.graph.node}
+    head_convs = [by_name[n] for n in tail if by_name[n].op_type == "Conv"]
+    assert len(head_convs) == 4  # the 1x1 output convs, 3 anchors x 57 channels each
+    inits = {i.name: i for i in proto.graph.initializer}
+    assert all(inits[c.input[1]].dims[0] == 171 and inits[c.input[1]].dims[2:] == [1, 1] for c in head_convs)
+    assert sum(n.op_type == "Conv" for n in proto.graph.node) - len(head_convs) == 77
+
+
+def test_int8_quantization(onnx_256: Path, coco_images: list[Path], tmp_path: Path) -> None:
+    q = quantize_int8(onnx_256, tmp_path / "s256-int8.onnx", coco_images[30:], num_images=4)
+    meta = json.loads(sidecar_path(q).read_text())
+    assert meta["precision"] == "int8" and meta["quantization"]["calibration_images"] == 4
+    ops = {n.op_type for n in onnx.load(str(q)).graph.node}
+    assert "QLinearConv" in ops and "Conv" in ops  # backbone int8, head convs float
+    b32, b8 = OnnxBackend(onnx_256), OnnxBackend(q)
+    assert b8.precision == "int8" and b8.name == "onnxruntime-cpu-int8"
+    with pytest.raises(KapaoError, match="exact mode needs an fp32 graph but this file is int8"):
+        OnnxBackend(q, exact=True)
+    x = torch.from_numpy(np.concatenate(calibration_batches(coco_images[:3], (256, 256))))
+    ref, out = b32(x), b8(x)
+    # measured on these images: mean |d prob| ~0.01, mean keypoint shift a few px (random weights)
+    prob_err = (out[..., 4:23] - ref[..., 4:23]).abs().mean().item()
+    kp_err = (out[..., 23:] - ref[..., 23:]).abs().mean().item()
+    assert prob_err < 0.03, prob_err
+    assert kp_err < 10.0, kp_err
+    with pytest.raises(KapaoError, match="starts from an fp32 export"):
+        quantize_int8(q, tmp_path / "again.onnx", coco_images[30:], num_images=1)
+    with pytest.raises(KapaoError, match="no calibration images"):
+        quantize_int8(onnx_256, tmp_path / "none.onnx", tmp_path)
+
+
+def test_bf16_backend(model: KapaoModel) -> None:
+    import copy
+
+    b = Bf16Backend(copy.deepcopy(model))
+    assert b.stride == 64 and b.fixed_hw is None and b.schema == model.schema and b.name == "torch-bf16"
+    x = torch.rand(1, 3, 256, 192, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(x)
+    out = b(x)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert (out[..., 4:23] - ref[..., 4:23]).abs().mean().item() < 0.02
+
+
+def test_exact_fp32_restores_settings() -> None:
+    conv = torch.backends.mkldnn.conv
+    if not hasattr(conv, "fp32_precision"):
+        pytest.skip("torch < 2.9 has no per-backend fp32 precision")
+    before = conv.fp32_precision
+    conv.fp32_precision = "bf16"  # what a user (or a library) may have switched on
+    try:
+        with exact_fp32():
+            assert conv.fp32_precision == "ieee" and torch.backends.mkldnn.matmul.fp32_precision == "ieee"
+        assert conv.fp32_precision == "bf16"
+    finally:
+        conv.fp32_precision = before
+
+
+def _poses(kps: np.ndarray, boxes: np.ndarray) -> Poses:
+    n = len(kps)
+    k3 = np.concatenate((kps, np.zeros((n, 17, 1))), 2)
+    return Poses(boxes.astype(np.float32), np.linspace(0.9, 0.5, n).astype(np.float32), k3, coco_schema(), (480, 640))
+
+
+def test_pose_oks_known_values() -> None:
+    rng = np.random.default_rng(0)
+    kps = rng.uniform(0, 100, (2, 17, 2))
+    boxes = np.array([[0, 0, 100, 100], [200, 200, 250, 300]], np.float64)
+    a = _poses(kps, boxes)
+    sig = np.asarray(coco_schema().oks_sigmas)
+    np.testing.assert_allclose(np.diag(pose_oks(a, a, sig)), [1.0, 1.0])
+    shifted = _poses(kps + np.array([3.0, 4.0]), boxes)  # every keypoint 5 px away
+    expect = np.exp(-25.0 / (2 * np.array([[10000.0], [5000.0]]) * (2 * sig) ** 2)).mean(-1)
+    np.testing.assert_allclose(np.diag(pose_oks(a, shifted, sig)), expect)
+    # matching is one-to-one whatever the order; a missing pose counts 0
+    swapped = _poses(kps[::-1].copy(), boxes[::-1].copy())
+    assert mean_pose_oks([a], [swapped], sig) == pytest.approx(1.0)
+    assert mean_pose_oks([a], [a[[0]]], sig) == pytest.approx(0.5)
+    empty = Poses.empty(coco_schema(), (480, 640))
+    assert mean_pose_oks([empty], [empty], sig) == 1.0
+
+
+def test_conv_bound_measures() -> None:
+    for p in ("fp32", "int8"):
+        assert conv_bound(p, threads=1, channels=32, size=16, repeats=1) > 0.1
+    with pytest.raises(KapaoError, match="use fp32, bf16 or int8"):
+        conv_bound("fp8", 1)
+
+
+@pytest.mark.slow
+def test_benchmark_small(coco_images: list[Path], tmp_path: Path) -> None:
+    m = KapaoModel("kapao-n", coco_schema())
+    apply_weight_rule(m, 0)
+    rows = run_benchmark(m.eval(), coco_images[:2], [256], ["torch-fused", "ort-fp32", "ort-int8"], threads=1,
+                         workdir=tmp_path, calib_images=coco_images[40:42])
+    assert [r.backend for r in rows] == ["torch-fused", "ort-fp32", "ort-int8"]
+    assert all(r.images == 2 and r.total_ms > 0 and set(r.ms) == {"read", "pre", "forward", "post"} for r in rows)
+    assert rows[0].mean_oks is None and rows[1].mean_oks > 0.99
+    assert 0.0 <= rows[2].mean_oks <= 1.0
