@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +13,7 @@ from kapao.errors import KapaoError
 
 if TYPE_CHECKING:
     from kapao.results import Poses
+    from kapao.schema import KeypointSchema
 
 
 @dataclass
@@ -128,3 +130,60 @@ def draw_fps(canvas: np.ndarray, fps: float) -> np.ndarray:
     cv2.rectangle(canvas, (0, 0), (w + 20, h + base + 20), (0, 0, 0), -1)
     cv2.putText(canvas, text, (10, h + 10), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thickness, cv2.LINE_AA)
     return canvas
+
+
+# --- training labels (pose objects + keypoint objects), for `kapao data show` and train mosaics ---
+
+POSE_COLOR = (255, 0, 255)  # BGR magenta: pose-object boxes
+MAX_GRID = 1920  # longest side of the written grid in pixels
+
+
+def draw_labels(img_bgr: np.ndarray, labels: np.ndarray, schema: "KeypointSchema") -> np.ndarray:
+    """A copy of `img_bgr` (H, W, 3) with label rows (n, 5 + 3K) normalised to it drawn on:
+    pose objects as a magenta box, limbs and keypoint dots (schema colours; open circle = v 1),
+    keypoint objects as thin boxes in their keypoint's colour."""
+    out = np.ascontiguousarray(img_bgr).copy()
+    h, w = out.shape[:2]
+    k = schema.num_keypoints
+    lw = max(1, round(max(h, w) / 400))
+    for row in np.asarray(labels, np.float64):
+        cls = int(row[0])
+        xc, yc, bw, bh = row[1] * w, row[2] * h, row[3] * w, row[4] * h
+        p1 = (int(round(xc - bw / 2)), int(round(yc - bh / 2)))
+        p2 = (int(round(xc + bw / 2)), int(round(yc + bh / 2)))
+        if cls > 0:
+            cv2.rectangle(out, p1, p2, schema.colors[(cls - 1) % k], 1)
+            continue
+        cv2.rectangle(out, p1, p2, POSE_COLOR, lw)
+        kp = row[5:].reshape(k, 3) * (w, h, 1)
+        vis = kp[:, 2] > 0
+        pts = [(int(round(x)), int(round(y))) for x, y in kp[:, :2]]
+        for a, b in schema.skeleton:
+            if vis[a] and vis[b]:
+                cv2.line(out, pts[a], pts[b], schema.colors[a], lw, cv2.LINE_AA)
+        for j in np.flatnonzero(vis):
+            filled = -1 if kp[j, 2] >= 2 else 1
+            cv2.circle(out, pts[j], lw + 2, schema.colors[j], filled, cv2.LINE_AA)
+    return out
+
+
+def make_grid(tiles: list[np.ndarray], names: list[str], max_size: int = MAX_GRID) -> np.ndarray:
+    """Tiles (same size) in a near-square grid, scaled so the longest side is <= max_size, with
+    each tile's name in its corner and a white border between tiles."""
+    if not tiles:
+        raise KapaoError("no samples to draw; the split has no images")
+    n = len(tiles)
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    th, tw = tiles[0].shape[:2]
+    f = min(1.0, max_size / max(rows * th, cols * tw))
+    sh, sw = max(1, int(th * f)), max(1, int(tw * f))
+    grid = np.full((rows * sh, cols * sw, 3), 255, np.uint8)
+    for i, (tile, name) in enumerate(zip(tiles, names)):
+        r, c = divmod(i, cols)
+        small = cv2.resize(tile, (sw, sh), interpolation=cv2.INTER_AREA) if (sh, sw) != (th, tw) else tile
+        grid[r * sh : (r + 1) * sh, c * sw : (c + 1) * sw] = small
+        cv2.putText(grid, name[:40], (c * sw + 5, r * sh + 15), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1,
+                    cv2.LINE_AA)
+        cv2.rectangle(grid, (c * sw, r * sh), ((c + 1) * sw - 1, (r + 1) * sh - 1), (255, 255, 255), 2)
+    return grid
