@@ -12,6 +12,8 @@ from kapao.errors import KapaoError
 VERBS: dict[str, str] = {
     "info": "kapao.cli.info",
     "predict": "kapao.cli.predict",
+    "val": "kapao.cli.val",
+    "train": "kapao.cli.train",
     "synth": "kapao.cli.synth",
     "data": "kapao.cli.data",
     "convert": "kapao.cli.convert",
