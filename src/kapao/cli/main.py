@@ -19,6 +19,7 @@ VERBS: dict[str, str] = {
     "convert": "kapao.cli.convert",
     "export": "kapao.cli.export",
     "benchmark": "kapao.cli.benchmark",
+    "app": "kapao.cli.app",
 }
 
 
