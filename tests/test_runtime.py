@@ -17,7 +17,8 @@ from kapao.postprocess import postprocess
 from kapao.results import Poses
 from kapao.runtime.bench import conv_bound, mean_pose_oks, pose_oks, run_benchmark
 from kapao.runtime.export import export_onnx, sidecar_path
-from kapao.runtime.quantize import Bf16Backend, calibration_batches, exact_fp32, float_tail_nodes, quantize_int8
+from kapao.runtime.quantize import calibration_batches, float_tail_nodes, quantize_int8
+from kapao.runtime.torch_cpu import CpuTorchBackend, ExactFp32Backend, exact_fp32
 from kapao.schema import coco_schema, crowdpose_schema
 from weight_rule import apply_weight_rule
 
@@ -166,17 +167,25 @@ def test_int8_quantization(onnx_256: Path, coco_images: list[Path], tmp_path: Pa
         quantize_int8(onnx_256, tmp_path / "none.onnx", tmp_path)
 
 
-def test_bf16_backend(model: KapaoModel) -> None:
+def test_cpu_torch_backends(model: KapaoModel) -> None:
     import copy
 
-    b = Bf16Backend(copy.deepcopy(model))
-    assert b.stride == 64 and b.fixed_hw is None and b.schema == model.schema and b.name == "torch-bf16"
     x = torch.rand(1, 3, 256, 192, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = model(x)
-    out = b(x)
-    assert out.dtype == torch.float32 and out.shape == ref.shape
+    cl = CpuTorchBackend(copy.deepcopy(model), "fp32")
+    assert cl.name == "torch-cl-fp32" and cl.stride == 64 and cl.fixed_hw is None and cl.schema == model.schema
+    out = cl(x)
+    np.testing.assert_allclose(out[..., 4:23].numpy(), ref[..., 4:23].numpy(), atol=1e-5)
+    np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-5, atol=0.0127)  # fused-BN allowance
+    bf = CpuTorchBackend(copy.deepcopy(model), "bf16")
+    out = bf(x)
+    assert bf.name == "torch-cl-bf16" and out.dtype == torch.float32 and out.shape == ref.shape
     assert (out[..., 4:23] - ref[..., 4:23]).abs().mean().item() < 0.02
+    with pytest.raises(KapaoError, match="use one of fp32, bf16"):
+        CpuTorchBackend(model, "fp16")
+    exact = ExactFp32Backend(cl)
+    assert exact.name == "torch-cl-fp32-exact" and torch.equal(exact(x), cl(x))
 
 
 def test_exact_fp32_restores_settings() -> None:
@@ -224,13 +233,40 @@ def test_conv_bound_measures() -> None:
         conv_bound("fp8", 1)
 
 
-@pytest.mark.slow
 def test_benchmark_small(coco_images: list[Path], tmp_path: Path) -> None:
     m = KapaoModel("kapao-n", coco_schema())
     apply_weight_rule(m, 0)
-    rows = run_benchmark(m.eval(), coco_images[:2], [256], ["torch-fused", "ort-fp32", "ort-int8"], threads=1,
+    rows = run_benchmark(m.eval(), coco_images[:2], [256], ["torch-fused", "torch-cl", "ort-fp32", "ort-int8"], threads=1,
                          workdir=tmp_path, calib_images=coco_images[40:42])
-    assert [r.backend for r in rows] == ["torch-fused", "ort-fp32", "ort-int8"]
+    assert [r.backend for r in rows] == ["torch-fused", "torch-cl", "ort-fp32", "ort-int8"]
     assert all(r.images == 2 and r.total_ms > 0 and set(r.ms) == {"read", "pre", "forward", "post"} for r in rows)
-    assert rows[0].mean_oks is None and rows[1].mean_oks > 0.99
-    assert 0.0 <= rows[2].mean_oks <= 1.0
+    assert rows[0].mean_oks is None and rows[1].mean_oks > 0.99 and rows[2].mean_oks > 0.99
+    assert 0.0 <= rows[3].mean_oks <= 1.0
+
+
+def test_cli_benchmark_and_int8_export(coco_images: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import shutil
+
+    from kapao.cli.main import main
+    from kapao.runtime.export import read_metadata
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for f in coco_images[:3]:
+        shutil.copy(f, images / f.name)
+    argv = ["benchmark", "--cfg", "kapao-n", "--images", str(images), "--n", "2", "--imgsz", "128",
+            "--backends", "torch-fused", "ort-fp32", "--threads", "1", "--workdir", str(tmp_path / "w")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "GFLOP/s" in out and "1 threads" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith(("torch-fused", "ort-fp32"))]
+    assert [r[0] for r in rows] == ["torch-fused", "ort-fp32"] and rows[0][-1] == "ref"
+    assert main(["benchmark", "--cfg", "kapao-n", "--images", str(tmp_path / "nothing")]) == 1
+    assert "not a folder" in capsys.readouterr().err
+    onnx_out = tmp_path / "n.onnx"
+    assert main(["export", "--cfg", "kapao-n", "--imgsz", "128", "--int8", str(images), "--calib-n", "2",
+                 "--out", str(onnx_out)]) == 0
+    meta = read_metadata(tmp_path / "n-int8.onnx")
+    assert meta["precision"] == "int8" and meta["quantization"]["calibration_images"] == 2
+    assert main(["export", "--cfg", "kapao-n", "--format", "torchscript", "--int8", str(images)]) == 1
+    assert "--int8 quantizes an ONNX export" in capsys.readouterr().err

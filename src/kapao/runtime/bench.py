@@ -25,7 +25,9 @@ from kapao.postprocess import postprocess
 from kapao.results import Poses
 from kapao.schema import KeypointSchema
 
-BACKENDS = ("torch-eager", "torch-fused", "torch-bf16", "ort-fp32", "ort-int8")
+# torch-eager: unfused, NCHW; torch-fused: BN folded; torch-cl: fused + channels-last;
+# torch-bf16: torch-cl with a bf16 backbone; ort-*: ONNX Runtime on a dynamic-shape export
+BACKENDS = ("torch-eager", "torch-fused", "torch-cl", "torch-bf16", "ort-fp32", "ort-int8")
 STAGES = ("read", "pre", "forward", "post")
 
 
@@ -138,17 +140,17 @@ def build_backend(
     (rect inputs, as the demo letterbox makes) into `workdir`; int8 is calibrated on `calib_images`."""
     from kapao.runtime.torch_backend import TorchBackend
 
-    from kapao.runtime.quantize import ExactFp32Backend
+    from kapao.runtime.torch_cpu import CpuTorchBackend, ExactFp32Backend
 
     m = copy.deepcopy(model).float().eval()
     if name == "torch-eager":
         return ExactFp32Backend(TorchBackend(m, fuse=False))
     if name == "torch-fused":
         return ExactFp32Backend(TorchBackend(m, fuse=True))
+    if name == "torch-cl":
+        return CpuTorchBackend(m, "fp32")
     if name == "torch-bf16":
-        from kapao.runtime.quantize import Bf16Backend
-
-        return Bf16Backend(m)
+        return CpuTorchBackend(m, "bf16")
     if name in ("ort-fp32", "ort-int8"):
         from kapao.runtime.export import export_onnx
         from kapao.runtime.onnx_backend import OnnxBackend

@@ -1,4 +1,4 @@
-"""Reduced precision: INT8 static quantization of an exported ONNX file, and bf16 autocast for torch.
+"""INT8 static quantization of an exported kapao ONNX file (ONNX Runtime).
 
 INT8 (ONNX Runtime, QDQ format, u8 activations / s8 per-channel weights, which run on VNNI): the
 backbone and neck are quantized with activation ranges calibrated on real images; the detection
@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from kapao.data.letterbox import letterbox, preprocess_demo, read_image, to_chw_rgb
 from kapao.errors import KapaoError
 from kapao.io.writers import write_json
-from kapao.models.kapao import KapaoModel
 from kapao.runtime.export import read_metadata, set_onnx_metadata, sidecar_path
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -156,84 +153,3 @@ def quantize_int8(
         os.replace(tmp_out, out_path)
     write_json(sidecar_path(out_path), meta, indent=1)
     return out_path
-
-
-def _fp32_knobs() -> list[Any]:
-    """torch's per-backend fp32 precision settings (torch >= 2.9): oneDNN matmul/conv/rnn (which
-    may run fp32 work in bf16 on CPUs with AVX512-BF16/AMX), CUDA matmul, cuDNN conv/rnn (tf32)."""
-    b = torch.backends
-    knobs = [b.mkldnn.matmul, b.mkldnn.conv, b.mkldnn.rnn, b.cuda.matmul, b.cudnn.conv, b.cudnn.rnn]
-    return [k for k in knobs if hasattr(k, "fp32_precision")]
-
-
-@contextmanager
-def exact_fp32() -> Iterator[None]:
-    """Ask torch explicitly for IEEE fp32 convolutions and matmuls inside the block (no implicit
-    bf16 or tf32 by oneDNN, CUDA or cuDNN), restoring the previous settings after."""
-    knobs = _fp32_knobs()
-    if not knobs:  # torch < 2.9: the legacy switches
-        saved_legacy = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
-        torch.set_float32_matmul_precision("highest")
-        torch.backends.cudnn.allow_tf32 = False
-        try:
-            yield
-        finally:
-            torch.set_float32_matmul_precision(saved_legacy[0])
-            torch.backends.cudnn.allow_tf32 = saved_legacy[1]
-        return
-    saved = [k.fp32_precision for k in knobs]
-    try:
-        for k in knobs:
-            k.fp32_precision = "ieee"
-        yield
-    finally:
-        for k, v in zip(knobs, saved):
-            k.fp32_precision = v
-
-
-class ExactFp32Backend:
-    """Wraps a torch backend so that every call runs under `exact_fp32()`: the explicit fp32 mode."""
-
-    def __init__(self, backend: Any):
-        self.backend = backend
-        self.schema = backend.schema
-        self.stride = backend.stride
-        self.fixed_hw = getattr(backend, "fixed_hw", None)
-        self.name = f"{backend.name}-fp32"
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        with exact_fp32():
-            return self.backend(x)
-
-
-class Bf16Backend:
-    """backend(x (B, 3, H, W) float32 in [0, 1]) -> (B, N, 5 + nc + 2K) float32, input pixels.
-
-    Backbone and neck in bf16 (weights converted once, AVX512-BF16 convs, channels-last), then
-    the head's output convs and the decode in fp32: bf16 keeps 8 mantissa bits, so a bf16 decode
-    would put keypoints on a 4-8 px grid at 1024 px and a bf16 head would move them by up to ~5 px.
-    """
-
-    def __init__(self, model: KapaoModel, channels_last: bool = True):
-        model = model.eval().fuse().float()
-        model.requires_grad_(False)
-        model.layers.to(torch.bfloat16)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model
-        self.channels_last = channels_last
-        self.schema = model.schema
-        self.stride = model.max_stride
-        self.fixed_hw: tuple[int, int] | None = None
-        self.name = "torch-bf16"
-
-    @torch.inference_mode()
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(torch.bfloat16)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        feats = self.model.features(x)
-        return self.model.head.decode(self.model.head([f.float() for f in feats]))
-
-
-__all__ = ["Bf16Backend", "ExactFp32Backend", "calibration_batches", "exact_fp32", "float_tail_nodes", "quantize_int8"]
