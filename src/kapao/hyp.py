@@ -16,7 +16,7 @@ import yaml
 
 from kapao.errors import KapaoError
 
-HYP_NAMES = ("hyp.kp-p6", "hyp.kp")
+HYP_NAMES = ("hyp.kp-p6", "hyp.kp", "hyp.synth")
 
 # Keys that may be left out of a YAML, with their defaults (everything else is required).
 _OPTIONAL = {"label_smoothing": 0.0}
