@@ -261,6 +261,7 @@ def test_cli_benchmark_and_int8_export(coco_images: list[Path], tmp_path: Path, 
     assert "GFLOP/s" in out and "1 threads" in out
     rows = [line.split() for line in out.splitlines() if line.startswith(("torch-fused", "ort-fp32"))]
     assert [r[0] for r in rows] == ["torch-fused", "ort-fp32"] and rows[0][-1] == "ref"
+    assert 0.0 <= float(rows[1][len(rows[0]) - 1]) <= 1.0  # OKS vs ref (then the matched-pairs OKS, if any)
     assert main(["benchmark", "--cfg", "kapao-n", "--images", str(tmp_path / "nothing")]) == 1
     assert "not a folder" in capsys.readouterr().err
     onnx_out = tmp_path / "n.onnx"
