@@ -181,7 +181,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_app_builds_serves_and_answers(model, shared, rgb, golden_predict):
+def test_app_builds_serves_and_answers(model, shared, rgb, golden_predict, tmp_path):
     gr = pytest.importorskip("gradio", reason="gradio is the optional extra kapao[app]; pip install 'kapao[app]'")
     client_mod = pytest.importorskip("gradio_client", reason="gradio_client comes with gradio (kapao[app])")
     from kapao.app import launch_app
@@ -203,6 +203,20 @@ def test_app_builds_serves_and_answers(model, shared, rgb, golden_predict):
         assert abs(len(kps) - runs["000000000785__640__demo"]["n_poses"]) <= 1
         drawn = cv2.imread(str(drawn_path))
         assert drawn is not None and drawn.shape == rgb.shape
+        # a short upload: 8 frames of the real clip at 640x360
+        clip = tmp_path / "clip.mp4"
+        cap, writer = cv2.VideoCapture(str(shared / VIDEO)), cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"mp4v"), 28, (640, 360))
+        for _ in range(8):
+            writer.write(cv2.resize(cap.read()[1], (640, 360)))
+        writer.release()
+        cap.release()
+        video_path, vinfo = client.predict(client_mod.handle_file(str(clip)), "demo_video", 320, 0.5, 0.5, 50, False, True,
+                                           False, False, False, api_name="/predict_video")
+        served, shapes = cv2.VideoCapture(str(video_path)), []
+        while (got := served.read())[0]:
+            shapes.append(got[1].shape)
+        served.release()
+        assert shapes == [(360, 640, 3)] * 8 and vinfo["num_frames"] == 8
         # a KapaoError reaches the browser as its one-line message
         with pytest.raises(client_mod.exceptions.AppError, match="upload an image first"):
             client.predict(None, "demo", 640, 0.7, 0.5, 25, False, True, False, False, False, api_name="/predict_image")

@@ -68,6 +68,7 @@ def test_source_video_is_what_the_readme_says(shared):
     assert (count, w, h) == (72, 1920, 1080) and round(fps) == 28
 
 
+@pytest.mark.slow  # shares the ~10-40 s `video_run` (28 frames of 1080p, CPU)
 def test_video_outputs_exist(video_run):
     rc, run, _, _ = video_run
     assert rc == 0
@@ -76,6 +77,7 @@ def test_video_outputs_exist(video_run):
     assert names == sorted([f"{stem}.mp4", f"{stem}.gif", "predictions.json", "predictions.csv"])  # no temp files left
 
 
+@pytest.mark.slow  # shares the ~10-40 s `video_run` (28 frames of 1080p, CPU)
 def test_mp4_has_the_cropped_frames_at_full_size(video_run, shared):
     _, run, (fps, _, w, h), frames = video_run
     assert len(frames) == 28  # 1 s of a 28 fps clip
@@ -92,6 +94,7 @@ def test_mp4_has_the_cropped_frames_at_full_size(video_run, shared):
     assert (corner.max(-1) < 60).mean() > 0.4 and (corner.min(-1) > 180).mean() > 0.05
 
 
+@pytest.mark.slow  # shares the ~10-40 s `video_run` (28 frames of 1080p, CPU)
 def test_gif_frames_and_size(video_run):
     _, run, (_, _, w, h), frames = video_run
     with Image.open(run / f"{Path(VIDEO).stem}.gif") as gif:
@@ -106,6 +109,7 @@ def _csv_rows(run: Path) -> tuple[list[str], list[dict[str, str]]]:
         return list(reader.fieldnames or []), list(reader)
 
 
+@pytest.mark.slow  # shares the ~10-40 s `video_run` (28 frames of 1080p, CPU)
 def test_json_and_csv_have_every_frames_poses(video_run, shared):
     _, run, _, frames = video_run
     dets = json.loads((run / "predictions.json").read_text())
@@ -129,6 +133,7 @@ def test_json_and_csv_have_every_frames_poses(video_run, shared):
     assert all(v == list(range(len(v))) for v in per_frame.values())
 
 
+@pytest.mark.slow  # shares the ~10-40 s `video_run` (28 frames of 1080p, CPU)
 def test_track_ids_are_stable_where_boxes_overlap(video_run):
     """A person box that overlaps one box of the previous frame by IoU > 0.8 (mutual best match)
     keeps that box's track ID; IDs are unique within a frame."""
@@ -155,6 +160,7 @@ def test_track_ids_are_stable_where_boxes_overlap(video_run):
     assert checked > 50  # the clip gives many overlapping pairs (about 6 per frame)
 
 
+@pytest.mark.slow  # shares the ~10-40 s `video_run` (28 frames of 1080p, CPU)
 def test_python_api_video_is_a_generator_of_poses(shared, video_run):
     """`KAPAO(w)("video.mp4")` yields one Poses per frame, equal to what `kapao predict` saved."""
     _, run, (fps, _, w, h), _ = video_run

@@ -8,6 +8,7 @@ Gradio is the optional extra `kapao[app]` and is imported only when the UI is bu
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -219,9 +220,14 @@ def build_app(model: KAPAO, title: str = "KAPAO pose estimation") -> Any:
         except KapaoError as e:
             raise gr.Error(str(e)) from None
 
+    work = Path(tempfile.mkdtemp(prefix="kapao_app_"))  # drawn videos; gradio copies each into its cache
+
     def run_video(video, preset, imgsz, conf, conf_kp, tol, bbox, pose, face, kp_bbox, kp_obj):
+        for old in work.iterdir():  # earlier requests' videos were served already: keep the folder small
+            shutil.rmtree(old, ignore_errors=True)
+        out_dir = Path(tempfile.mkdtemp(dir=work))
         try:
-            out, info = predict_video_for_app(model, video, None, preset, imgsz, conf, conf_kp, tol, bbox, pose, face, kp_bbox, kp_obj)
+            out, info = predict_video_for_app(model, video, out_dir, preset, imgsz, conf, conf_kp, tol, bbox, pose, face, kp_bbox, kp_obj)
         except KapaoError as e:
             raise gr.Error(str(e)) from None
         return str(out), info
