@@ -15,7 +15,7 @@ from kapao.errors import KapaoError
 from kapao.models.kapao import KapaoModel
 from kapao.postprocess import postprocess
 from kapao.results import Poses
-from kapao.runtime.bench import conv_bound, mean_pose_oks, pose_oks, run_benchmark
+from kapao.runtime.bench import conv_bound, conv_gflops, mean_pose_oks, pose_oks, run_benchmark
 from kapao.runtime.export import export_onnx, sidecar_path
 from kapao.runtime.quantize import calibration_batches, float_tail_nodes, quantize_int8
 from kapao.runtime.torch_cpu import CpuTorchBackend, ExactFp32Backend, exact_fp32
@@ -224,6 +224,16 @@ def test_pose_oks_known_values() -> None:
     assert mean_pose_oks([a], [a[[0]]], sig) == pytest.approx(0.5)
     empty = Poses.empty(coco_schema(), (480, 640))
     assert mean_pose_oks([empty], [empty], sig) == 1.0
+
+
+def test_conv_gflops_against_official_count(golden: Path) -> None:
+    """Conv work of KAPAO-S at 640x640 vs the official thop count (architecture.json), which
+    also counts BatchNorm and the other elementwise layers: ours is the convs alone, ~1 % less."""
+    arch = json.loads((golden / "architecture.json").read_text())
+    for key, schema in (("kapao_s_coco", coco_schema()), ("kapao_s_crowdpose", crowdpose_schema())):
+        official = arch[key]["gflops_thop_full_640x640_input"]
+        ours = conv_gflops(KapaoModel("kapao-s", schema), (640, 640))
+        assert 0.98 * official < ours < official, (key, ours, official)
 
 
 def test_conv_bound_measures() -> None:

@@ -10,7 +10,7 @@ import torch
 
 from kapao.cli.export import add_model_source, load_model
 from kapao.errors import KapaoError
-from kapao.runtime.bench import BACKENDS, format_bounds, format_header, run_benchmark
+from kapao.runtime.bench import BACKENDS, format_bounds, format_header, measure_bounds, run_benchmark
 from kapao.runtime.quantize import IMAGE_SUFFIXES
 
 
@@ -41,8 +41,9 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(threads)
     print(f"kapao benchmark: {model.cfg.name}, {len(timed)} images from {folder}, {threads} threads, "
           f"torch {torch.__version__}, {platform.processor() or platform.machine()}")
-    if not args.no_bound:
-        print(format_bounds(threads))
+    bounds = {} if args.no_bound else measure_bounds(threads)
+    if bounds:
+        print(format_bounds(bounds, threads))
     print(format_header())
-    run_benchmark(model, timed, args.imgsz, args.backends, threads, args.preset, args.workdir, calib, log=print)
+    run_benchmark(model, timed, args.imgsz, args.backends, threads, args.preset, args.workdir, calib, print, bounds)
     return 0

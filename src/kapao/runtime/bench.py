@@ -178,6 +178,25 @@ def build_backend(
     raise KapaoError(f"benchmark backend {name!r}: choose from {', '.join(BACKENDS)}")
 
 
+def conv_gflops(model: KapaoModel, hw: tuple[int, int]) -> float:
+    """Convolution GFLOPs (2 x multiply-adds) of one forward at input (H, W): the work the conv
+    bound divides. Counted with forward hooks on every nn.Conv2d of a float32 copy."""
+    total = 0.0
+
+    def hook(m: torch.nn.Conv2d, _inp: Any, out: torch.Tensor) -> None:
+        nonlocal total
+        kh, kw = m.kernel_size
+        total += 2.0 * (m.in_channels // m.groups) * kh * kw * out.numel()
+
+    m = copy.deepcopy(model).float().eval()
+    handles = [c.register_forward_hook(hook) for c in m.modules() if isinstance(c, torch.nn.Conv2d)]
+    with torch.inference_mode():
+        m.forward_raw(torch.zeros(1, 3, *hw))
+    for h in handles:
+        h.remove()
+    return total / 1e9
+
+
 def conv_bound(precision: str, threads: int, channels: int = 256, size: int = 64, repeats: int = 5) -> float:
     """Measured GFLOP/s (GOP/s for int8) of one 3x3 conv, channels -> channels on size x size:
     fp32 and bf16 with torch (oneDNN, channels-last), int8 with ONNX Runtime's QLinearConv
@@ -249,8 +268,11 @@ def run_benchmark(
     workdir: str | Path = ".kapao-bench",
     calib_images: str | Path | Sequence[str | Path] | None = None,
     log: Callable[[str], None] | None = None,
+    bounds: dict[str, float] | None = None,
 ) -> list[BenchRow]:
-    """Every backend at every imgsz on `images`; the first backend is the OKS reference."""
+    """Every backend at every imgsz on `images`; the first backend is the OKS reference. With
+    `log`, each row is logged as it is measured, and with `bounds` (GFLOP/s per precision, from
+    `measure_bounds`) the forward-time bound of the typical input shape after each imgsz."""
     files = [Path(p) for p in images]
     if not files:
         raise KapaoError("benchmark: no images given; pass a folder of real photos")
@@ -275,7 +297,24 @@ def run_benchmark(
             rows.append(row)
             if log:
                 log(format_row(row))
+        if log and bounds:
+            hw = _typical_hw(files, imgsz, model.max_stride)
+            g = conv_gflops(model, hw)
+            parts = ", ".join(f"{p} {g / v * 1000:.0f} ms" for p, v in bounds.items() if v > 0)
+            log(f"  forward bound at {hw[0]}x{hw[1]} ({g:.1f} GFLOPs): {parts}")
     return rows
+
+
+def _typical_hw(files: Sequence[Path], imgsz: int, stride: int) -> tuple[int, int]:
+    """The most common demo-letterbox input shape of these images at imgsz."""
+    shapes: dict[tuple[int, int], int] = {}
+    for f in files:
+        h0, w0 = read_image(f).shape[:2]
+        r = imgsz / max(h0, w0)
+        h, w = round(h0 * r), round(w0 * r)
+        hw = (-(-h // stride) * stride, -(-w // stride) * stride)
+        shapes[hw] = shapes.get(hw, 0) + 1
+    return max(shapes, key=lambda k: shapes[k])
 
 
 def format_header() -> str:
@@ -296,12 +335,18 @@ def format_row(r: BenchRow) -> str:
     )
 
 
-def format_bounds(threads: int) -> str:
-    """One line: the measured 3x3-conv bound in fp32 / bf16 / int8 on this CPU."""
-    parts = []
+def measure_bounds(threads: int) -> dict[str, float]:
+    """The 3x3-conv GFLOP/s (GOP/s for int8) per precision on this CPU; 0 where it cannot run."""
+    out = {}
     for p in ("fp32", "bf16", "int8"):
         try:
-            parts.append(f"{p} {conv_bound(p, threads):.0f}")
-        except Exception as e:  # a precision this CPU/runtime lacks: say so, keep the rest
-            parts.append(f"{p} n/a ({type(e).__name__})")
-    return f"3x3 conv 256->256 @64x64, {threads} threads, GFLOP/s (GOP/s int8): " + ", ".join(parts)
+            out[p] = conv_bound(p, threads)
+        except Exception:  # a precision this CPU/runtime lacks: 0, shown as n/a
+            out[p] = 0.0
+    return out
+
+
+def format_bounds(bounds: dict[str, float], threads: int) -> str:
+    """One line: the measured 3x3-conv bound per precision."""
+    parts = ", ".join(f"{p} {v:.0f}" if v > 0 else f"{p} n/a" for p, v in bounds.items())
+    return f"3x3 conv 256->256 @64x64, {threads} threads, GFLOP/s (GOP/s int8): {parts}"
