@@ -121,6 +121,7 @@ def test_json_and_csv_have_every_frames_poses(video_run, shared):
     csv_frames = [int(r["image"].rsplit("#", 1)[1]) for r in rows]
     assert json_frames == csv_frames and set(json_frames) <= set(frames)
     assert all(r["image"].rsplit("#", 1)[0] == str(shared / VIDEO) for r in rows)
+    assert all(d["video"] == str(shared / VIDEO) for d in dets)
     for d, r in zip(dets, rows):
         assert len(d["keypoints"]) == 51 and d["score"] == pytest.approx(float(r["score"]), rel=1e-6)
         assert d["track_id"] == int(r["track_id"]) >= 1
@@ -194,6 +195,15 @@ def test_bad_video_is_reported_and_the_image_still_processed(shared, tmp_path, c
     assert sorted(p.name for p in run.iterdir()) == ["000000000785.jpg", "predictions.json"]
     drawn = cv2.imread(str(run / "000000000785.jpg"))
     assert drawn.shape == cv2.imread(str(good)).shape
+
+
+@pytest.mark.parametrize("cut, message", [(["--start", "-1"], "--start -1: a video start must be 0 or more"),
+                                          (["--start", "1", "--end", "0.5"], "--end 0.5 is not after --start 1")])
+def test_bad_video_cut_is_one_clear_line(shared, tmp_path, capsys, cut, message):
+    rc = main(["predict", str(shared / VIDEO), "--weights", str(shared / WEIGHTS), *cut, "--project", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
 
 
 def test_display_without_a_screen_is_one_clear_line(shared, tmp_path, capsys, monkeypatch):

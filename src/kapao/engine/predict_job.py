@@ -98,6 +98,10 @@ def run_predict_job(model: KAPAO, job: PredictJob) -> PredictSummary:
     """Run the job; every bad input is reported and skipped, outputs are written atomically."""
     if job.display:
         _check_display()
+    if job.start_s is not None and job.start_s < 0:
+        raise KapaoError(f"--start {job.start_s:g}: a video start must be 0 or more seconds")
+    if job.end_s is not None and job.end_s <= (job.start_s or 0.0):
+        raise KapaoError(f"--end {job.end_s:g} is not after --start {job.start_s or 0:g}; give an end later than the start")
     t_start = time.perf_counter()
     errors: list[SourceError] = []
     items = resolve_source(job.source, errors)
@@ -142,6 +146,9 @@ def run_predict_job(model: KAPAO, job: PredictJob) -> PredictSummary:
                 image_id = _image_id(frame.path, len(all_poses)) if not is_video else frame.index
                 if job.save_json:
                     dets = poses.to_coco(image_id)
+                    if is_video:  # image_id is the frame index: name the video, as a job may hold several
+                        for det in dets:
+                            det["video"] = frame.path
                     if poses.track_ids is not None:
                         for det, tid in zip(dets, poses.track_ids.tolist()):
                             det["track_id"] = tid
