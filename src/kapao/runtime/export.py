@@ -10,6 +10,7 @@ in ONNX `metadata_props["kapao"]` / TorchScript extra file `kapao.json`, and in 
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import tempfile
@@ -221,8 +222,8 @@ def export_onnx(
     """Write `model` (network + decode) as ONNX to `path` plus the sidecar `path.json`; returns `path`.
 
     dynamic: batch, height and width are symbolic (any multiple of the stride); otherwise the graph
-    is fixed to (1, 3, H, W) and the decode grids are constants. half: fp16 weights and input (for
-    GPU runtimes). simplify: constant-fold and fuse with ONNX Runtime's portable basic-level
+    is fixed to (1, 3, H, W) and the decode grids are constants. half: fp16 network for GPU
+    runtimes (input and output stay float32, the decode fp32). simplify: constant-fold and fuse with ONNX Runtime's portable basic-level
     optimiser. The decode is written with concatenation, so the graph has no ScatterND.
     """
     try:
@@ -239,11 +240,13 @@ def export_onnx(
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # legacy-exporter deprecation and tracer notes
+            # the TorchScript-based exporter: deterministic, no onnxscript dependency
+            legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
             torch.onnx.export(
                 wrapped,
                 (x,),
                 str(tmp),
-                dynamo=False,
+                **legacy,
                 opset_version=int(opset),
                 input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME],
