@@ -77,7 +77,8 @@ def main() -> None:
           f"torch threads {torch.get_num_threads()}, device {args.device}")
     print(f"weights {args.weights}")
     print(f"{len(paths) - 1} timed images from {args.images} (+1 warm-up), preset {preset.name}, batch 1")
-    header = f"{'imgsz':>6} " + " ".join(f"{s:>8}" for s in STAGES) + f" {'total':>8} {'img/s':>7} {'fwd p50':>8} {'poses':>6}"
+    header = (f"{'imgsz':>6} " + " ".join(f"{s:>8}" for s in STAGES)
+              + f" {'total':>8} {'img/s':>7} {'fwd p50':>8} {'poses':>6}")
     print("\nmean ms per image")
     print(header)
     print("-" * len(header))

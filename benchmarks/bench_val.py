@@ -119,7 +119,8 @@ def main() -> None:
             wall = time.perf_counter() - t0
             per = result.times.per_image()
             metrics = result.metrics
-            print(f"{set_name + '_mini':<15}{imgsz:>6}{result.num_images:>7}{wall:>8.2f}{result.num_images / wall:>7.2f} "
+            print(f"{set_name + '_mini':<15}{imgsz:>6}{result.num_images:>7}{wall:>8.2f}"
+                  + f"{result.num_images / wall:>7.2f} "
                   + " ".join(f"{per.get(s, 0.0):>8.1f}" for s in STAGES)
                   + f"{metrics.seconds if metrics else float('nan'):>8.2f}{len(result.results):>7}"
                   + f"{metrics.ap if metrics else float('nan'):>7.3f}")

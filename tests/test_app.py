@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import socket
 import sys
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -47,7 +46,8 @@ def rgb(shared) -> np.ndarray:
 def _kps(info: dict) -> tuple[np.ndarray, np.ndarray]:
     poses = info["poses"]
     k = len(info["keypoint_names"])
-    return np.array([p["keypoints"] for p in poses], float).reshape(len(poses), k, 3), np.array([p["score"] for p in poses])
+    kps = np.array([p["keypoints"] for p in poses], float).reshape(len(poses), k, 3)
+    return kps, np.array([p["score"] for p in poses])
 
 
 @pytest.mark.parametrize("preset", ["demo", "val"])
@@ -154,7 +154,8 @@ def test_video_is_drawn_tracked_and_shrunk(model, shared, tmp_path):
     # the same poses as the Python API gives for these frames (demo_video preset)
     api = list(model(str(shared / VIDEO), imgsz=256, end_s=0.25))
     for f, poses in zip(info["frames"], api):
-        np.testing.assert_allclose(np.array([p["keypoints"] for p in f["poses"]]).reshape(poses.keypoints.shape), poses.keypoints)
+        kps = np.array([p["keypoints"] for p in f["poses"]]).reshape(poses.keypoints.shape)
+        np.testing.assert_allclose(kps, poses.keypoints)
 
 
 def test_bad_video_is_a_one_line_error(model, tmp_path):
@@ -205,13 +206,14 @@ def test_app_builds_serves_and_answers(model, shared, rgb, golden_predict, tmp_p
         assert drawn is not None and drawn.shape == rgb.shape
         # a short upload: 8 frames of the real clip at 640x360
         clip = tmp_path / "clip.mp4"
-        cap, writer = cv2.VideoCapture(str(shared / VIDEO)), cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"mp4v"), 28, (640, 360))
+        cap = cv2.VideoCapture(str(shared / VIDEO))
+        writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"mp4v"), 28, (640, 360))
         for _ in range(8):
             writer.write(cv2.resize(cap.read()[1], (640, 360)))
         writer.release()
         cap.release()
-        video_path, vinfo = client.predict(client_mod.handle_file(str(clip)), "demo_video", 320, 0.5, 0.5, 50, False, True,
-                                           False, False, False, api_name="/predict_video")
+        video_path, vinfo = client.predict(client_mod.handle_file(str(clip)), "demo_video", 320, 0.5, 0.5, 50,
+                                           False, True, False, False, False, api_name="/predict_video")
         served, shapes = cv2.VideoCapture(str(video_path)), []
         while (got := served.read())[0]:
             shapes.append(got[1].shape)

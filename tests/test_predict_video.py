@@ -200,7 +200,8 @@ def test_bad_video_is_reported_and_the_image_still_processed(shared, tmp_path, c
 @pytest.mark.parametrize("cut, message", [(["--start", "-1"], "--start -1: a video start must be 0 or more"),
                                           (["--start", "1", "--end", "0.5"], "--end 0.5 is not after --start 1")])
 def test_bad_video_cut_is_one_clear_line(shared, tmp_path, capsys, cut, message):
-    rc = main(["predict", str(shared / VIDEO), "--weights", str(shared / WEIGHTS), *cut, "--project", str(tmp_path / "out"), "--quiet"])
+    rc = main(["predict", str(shared / VIDEO), "--weights", str(shared / WEIGHTS), *cut,
+               "--project", str(tmp_path / "out"), "--quiet"])
     err = capsys.readouterr().err
     assert rc == 1 and message in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()

@@ -67,7 +67,9 @@ def _settings(
     imgsz = int(imgsz)
     if not 32 <= imgsz <= 4096:
         raise KapaoError(f"image size {imgsz}; use a value between 32 and 4096 (the official demos use 1280)")
-    draw = DrawOptions.from_kwargs(bbox=bool(bbox), pose=bool(pose), face=bool(face), kp_bbox=bool(kp_bbox), kp_obj=bool(kp_obj))
+    draw = DrawOptions.from_kwargs(
+        bbox=bool(bbox), pose=bool(pose), face=bool(face), kp_bbox=bool(kp_bbox), kp_obj=bool(kp_obj)
+    )
     return params, imgsz, draw
 
 
@@ -92,7 +94,9 @@ def predict_for_app(
     """
     if image is None:
         raise KapaoError("no image: upload an image first")
-    params, imgsz, draw = _settings(preset, imgsz, conf_thres, conf_thres_kp, overwrite_tol, bbox, pose, face, kp_bbox, kp_obj)
+    params, imgsz, draw = _settings(
+        preset, imgsz, conf_thres, conf_thres_kp, overwrite_tol, bbox, pose, face, kp_bbox, kp_obj
+    )
     bgr = _to_bgr(image)
     t0 = time.perf_counter()
     poses = model.predict_images([bgr], imgsz, params)[0]
@@ -111,6 +115,7 @@ def _video_writer(out_dir: Path, stem: str, fps: float, size_wh: tuple[int, int]
         final = out_dir / f"{stem}{suffix}"
         fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{suffix}", dir=out_dir)
         os.close(fd)
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; the output is as readable as any other file
         writer = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*fourcc), float(fps), size_wh)
         if writer.isOpened():
             return writer, Path(tmp), final
@@ -151,7 +156,9 @@ def predict_video_for_app(
     path = Path(video)
     if not path.is_file():
         raise KapaoError(f"{path}: video does not exist")
-    params, imgsz, draw = _settings(preset, imgsz, conf_thres, conf_thres_kp, overwrite_tol, bbox, pose, face, kp_bbox, kp_obj)
+    params, imgsz, draw = _settings(
+        preset, imgsz, conf_thres, conf_thres_kp, overwrite_tol, bbox, pose, face, kp_bbox, kp_obj
+    )
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="kapao_app_"))
     out.mkdir(parents=True, exist_ok=True)
     errors: list[SourceError] = []
@@ -227,7 +234,9 @@ def build_app(model: KAPAO, title: str = "KAPAO pose estimation") -> Any:
             shutil.rmtree(old, ignore_errors=True)
         out_dir = Path(tempfile.mkdtemp(dir=work))
         try:
-            out, info = predict_video_for_app(model, video, out_dir, preset, imgsz, conf, conf_kp, tol, bbox, pose, face, kp_bbox, kp_obj)
+            out, info = predict_video_for_app(
+                model, video, out_dir, preset, imgsz, conf, conf_kp, tol, bbox, pose, face, kp_bbox, kp_obj
+            )
         except KapaoError as e:
             raise gr.Error(str(e)) from None
         return str(out), info
@@ -241,7 +250,10 @@ def build_app(model: KAPAO, title: str = "KAPAO pose estimation") -> Any:
         )
         with gr.Row():
             with gr.Column():
-                preset = gr.Radio(names, value="demo", label="preset (demo: official image demo, demo_video: video demo, val: evaluation)")
+                preset = gr.Radio(
+                    names, value="demo",
+                    label="preset (demo: official image demo, demo_video: video demo, val: evaluation)",
+                )
                 imgsz = gr.Dropdown(list(IMGSZ_CHOICES), value=DEFAULT_IMGSZ, label="image size (longest side)")
                 conf = gr.Slider(0.0, 1.0, value=c0, step=0.001, label="person confidence (conf_thres)")
                 conf_kp = gr.Slider(0.0, 1.0, value=k0, step=0.001, label="keypoint-object confidence (conf_thres_kp)")
@@ -265,8 +277,12 @@ def build_app(model: KAPAO, title: str = "KAPAO pose estimation") -> Any:
                     video_json = gr.JSON(label="poses per frame (JSON)")
         controls = [preset, imgsz, conf, conf_kp, tol, bbox, pose, face, kp_bbox, kp_obj]
         preset.change(preset_values, inputs=preset, outputs=[conf, conf_kp, tol], api_name=False)
-        image_btn.click(run_image, inputs=[image_in, *controls], outputs=[image_out, image_json], api_name="predict_image")
-        video_btn.click(run_video, inputs=[video_in, *controls], outputs=[video_out, video_json], api_name="predict_video")
+        image_btn.click(
+            run_image, inputs=[image_in, *controls], outputs=[image_out, image_json], api_name="predict_image"
+        )
+        video_btn.click(
+            run_video, inputs=[video_in, *controls], outputs=[video_out, video_json], api_name="predict_video"
+        )
     return demo
 
 
@@ -276,7 +292,9 @@ def launch_app(
     """Build and launch the UI; returns the Blocks (call `.close()` when `block` is False)."""
     demo = build_app(model)
     try:
-        demo.queue().launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=not block)
+        demo.queue().launch(
+            server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=not block
+        )
     except OSError as e:
         raise KapaoError(f"cannot serve the app on {host}:{port} ({e}); choose another --port or --host") from None
     return demo

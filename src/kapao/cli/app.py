@@ -8,7 +8,8 @@ import argparse
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("app", help="web demo: upload an image or a short video and see the poses (needs kapao[app])")
     p.add_argument("--weights", default=None, help="weights file or registry name; default: the shipped model")
-    p.add_argument("--data", default=None, help="data YAML whose keypoint schema the weights use (custom keypoint sets)")
+    p.add_argument("--data", default=None,
+                   help="data YAML whose keypoint schema the weights use (custom keypoint sets)")
     p.add_argument("--device", default="cpu", help="cpu or cuda:0")
     p.add_argument("--half", action="store_true", help="fp16 inference (CUDA only)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
