@@ -144,8 +144,7 @@ def quantize_int8(
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             nodes_to_exclude=exclude,
-            # calibrate image by image, merging ranges: at once, the calibrator would hold every
-            # activation of every image (~0.3 GB per image at 1024)
+            # min/max: one image per calibration step, ranges merged as it goes (bounded memory)
             extra_options={"CalibStridedMinMax": 1} if method == "minmax" else {},
             calibrate_method={
                 "minmax": CalibrationMethod.MinMax,
