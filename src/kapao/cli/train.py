@@ -15,6 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hyp", default="hyp.kp-p6", help="hyperparameter YAML (hyp.kp-p6, hyp.kp or a path)")
     p.add_argument("--imgsz", type=int, default=1280)
     p.add_argument("--batch-size", type=int, default=16, help="total batch size over all processes")
+    p.add_argument("--nominal-batch", type=int, default=64, help="images per optimizer step (gradient accumulation)")
     p.add_argument("--epochs", type=int, default=300)
     p.add_argument("--rect", action="store_true", help="rectangular batches for the per-epoch validation")
     p.add_argument("--multi-scale", action="store_true", help="vary the image size +/- 50%% per batch")
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         raise KapaoError("--data is required (a data YAML; `kapao synth OUT` makes a small one)")
     opt = TrainOptions(
         data=args.data or "", cfg=args.cfg, weights=args.weights, hyp=args.hyp, imgsz=args.imgsz,
-        batch_size=args.batch_size, epochs=args.epochs, rect=args.rect, multi_scale=args.multi_scale,
+        batch_size=args.batch_size, nominal_batch=args.nominal_batch, epochs=args.epochs, rect=args.rect, multi_scale=args.multi_scale,
         freeze=args.freeze, adam=args.adam, sync_bn=args.sync_bn, label_smoothing=args.label_smoothing,
         linear_lr=args.linear_lr, val_scales=args.val_scales, val_flips=parse_flips(args.val_flips),
         val_imgsz=args.val_imgsz, noval=args.noval, nosave=args.nosave, patience=args.patience,

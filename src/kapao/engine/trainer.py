@@ -58,6 +58,7 @@ class TrainOptions:
     hyp: str = "hyp.kp-p6"
     imgsz: int = 1280
     batch_size: int = 16
+    nominal_batch: int = 64  # gradients accumulate up to this many images per optimizer step
     epochs: int = 300
     rect: bool = False  # rectangular batches for the per-epoch validation
     multi_scale: bool = False
@@ -226,6 +227,8 @@ class Trainer:
             raise KapaoError(f"--epochs is {o.epochs}; train for at least 1 epoch")
         if o.batch_size < 1 or o.batch_size % self.dist.world_size:
             raise KapaoError(f"--batch-size {o.batch_size} must be a positive multiple of the {self.dist.world_size} processes")
+        if o.nominal_batch < 1:
+            raise KapaoError(f"--nominal-batch {o.nominal_batch} must be >= 1 (the official recipe uses 64)")
         if o.imgsz < 64 or o.imgsz % 64:
             raise KapaoError(f"--imgsz {o.imgsz} must be a multiple of 64 (the largest stride), e.g. 640")
         if o.cache not in (None, "ram"):
@@ -326,8 +329,8 @@ class Trainer:
         self._build_model()
         core = unwrap(self.model)
         self.hyp = scale_hyp(hyp, core.head.nl, core.head.nc, o.imgsz, o.label_smoothing)
-        self.accumulate = accumulation_steps(o.batch_size)
-        weight_decay = self.hyp.weight_decay * o.batch_size * self.accumulate / 64
+        self.accumulate = accumulation_steps(o.batch_size, o.nominal_batch)
+        weight_decay = self.hyp.weight_decay * o.batch_size * self.accumulate / o.nominal_batch
         self.optimizer = build_optimizer(self.model, self.hyp.lr0, self.hyp.momentum, weight_decay, o.adam)
         self.lf = lr_lambda(o.epochs, self.hyp.lrf, o.linear_lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=self.lf)
@@ -389,7 +392,7 @@ class Trainer:
                 imgs = imgs.to(self.device, non_blocking=True).float() / 255.0
                 accumulate = self.accumulate
                 if ni < warmup_iters:
-                    accumulate = warmup_accumulation(ni, warmup_iters, o.batch_size)
+                    accumulate = warmup_accumulation(ni, warmup_iters, o.batch_size, o.nominal_batch)
                     warmup(self.optimizer, ni, warmup_iters, self.lf(epoch), self.hyp.momentum,
                            self.hyp.warmup_momentum, self.hyp.warmup_bias_lr)
                 if o.multi_scale:

@@ -19,6 +19,7 @@ from kapao.errors import KapaoError
 def _temp_beside(path: Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes files private; outputs are as readable as any other file
     return Path(tmp)
 
 

@@ -9,5 +9,9 @@ from kapao.weights.checkpoint import save
 from kapao.weights.download import cache_dir, fetch
 from kapao.weights.loader import WeightsMeta, load
 from kapao.weights.registry import REGISTRY, RegisteredWeights
+from kapao.weights.shipped import default_weights, demo_images, shipped_weights
 
-__all__ = ["REGISTRY", "RegisteredWeights", "WeightsMeta", "cache_dir", "fetch", "load", "save"]
+__all__ = [
+    "REGISTRY", "RegisteredWeights", "WeightsMeta", "cache_dir", "default_weights", "demo_images", "fetch", "load",
+    "save", "shipped_weights",
+]

@@ -16,6 +16,7 @@ from kapao.weights import checkpoint, official
 from kapao.weights.download import fetch, verify_sha256
 from kapao.weights.registry import REGISTRY, RegisteredWeights, get, looks_like_name
 from kapao.weights.safe_pickle import load_plain_pickle
+from kapao.weights.shipped import shipped_weights
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,9 @@ def resolve(
 ) -> tuple[Path, RegisteredWeights | None]:
     """A local file as is (sha256-checked if given), or a registry name fetched into the cache."""
     p = Path(path_or_name).expanduser()
+    shipped = shipped_weights(str(path_or_name)) if not p.exists() else None
+    if shipped is not None:
+        return shipped, None
     if p.exists():
         if sha256 and p.is_file():
             verify_sha256(p, sha256, str(p))
