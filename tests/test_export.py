@@ -24,6 +24,7 @@ from kapao.runtime.export import (
     read_metadata,
     sidecar_path,
 )
+from kapao.runtime.torchscript_backend import TorchScriptBackend
 from kapao.schema import coco_schema, crowdpose_schema
 from weight_rule import apply_weight_rule
 
@@ -139,10 +140,16 @@ def test_torchscript_equals_eager(model: KapaoModel, tmp_path: Path, forward_gol
     meta = read_metadata(path)
     assert meta["format"] == "torchscript" and meta["schema"] == coco_schema().to_dict()
     assert json.loads(sidecar_path(path).read_text()) == meta
-    ts = torch.jit.load(str(path))
-    with torch.no_grad():
-        out = ts(torch.from_numpy(forward_golden["input"]))  # traced at 256, run at 448x640
+    backend = TorchScriptBackend(path)
+    assert backend.schema.to_dict() == model.schema.to_dict() and backend.stride == 64 and backend.fixed_hw is None
+    out = backend(torch.from_numpy(forward_golden["input"]))  # traced at 256, run at 448x640
     assert_matches(out, torch.from_numpy(forward_golden["output"]))
+    assert backend(torch.zeros(2, 3, 128, 192)).shape == (2, 3 * (16 * 24 + 8 * 12 + 4 * 6 + 2 * 3), 57)
+    junk = tmp_path / "junk.torchscript"
+    junk.write_bytes(b"not a zip")
+    sidecar_path(junk).write_text(sidecar_path(path).read_text())
+    with pytest.raises(KapaoError, match="not a loadable TorchScript file"):
+        TorchScriptBackend(junk)
 
 
 def test_export_leaves_model_untouched(model: KapaoModel, tmp_path: Path) -> None:
