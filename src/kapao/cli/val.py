@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from kapao.cli.predict import add_model_args, add_threshold_args, threshold_overrides
+from kapao.cli.predict import add_threshold_args, threshold_overrides
 from kapao.data.dataset import KeypointDataset, split_source
 from kapao.engine.evaluator import run_validation
-from kapao.engine.metrics import write_json_atomic
 from kapao.engine.predictor import make_backend, normalize_flips
 from kapao.errors import KapaoError
-from kapao.io.writers import next_run_dir
+from kapao.io.writers import next_run_dir, write_json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -57,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         **threshold_overrides(args),
     )
     run_dir = next_run_dir(args.project, args.name, args.exist_ok)
-    results_path = write_json_atomic(run_dir / f"results_{args.task}.json", result.results)
+    results_path = write_json(run_dir / f"results_{args.task}.json", result.results)
     print(f"{result.num_images} images, {len(result.results)} detections -> {results_path}")
     if result.metrics is not None:
         print(result.metrics.table())

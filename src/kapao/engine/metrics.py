@@ -16,8 +16,6 @@ import io
 import json
 import math
 import numbers
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from kapao.errors import KapaoError
+from kapao.io.writers import write_json
 from kapao.schema import KeypointSchema
 
 # Names of the stats in the order each reference tool's summarize() returns them.
@@ -103,26 +102,7 @@ class KeypointMetrics:
 
     def to_json(self, path: str | Path) -> Path:
         """Write `as_dict()` as JSON, atomically (temp file in the same folder, then rename)."""
-        return write_json_atomic(path, self.as_dict())
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    """Write JSON to a temporary name beside `path`, then rename it over `path`."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise KapaoError(f"{path}: cannot write here ({e.strerror}); choose a writable folder") from None
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+        return write_json(path, self.as_dict(), indent=2)
 
 
 def read_json(path: str | Path) -> Any:

@@ -25,8 +25,11 @@ def _temp_beside(path: Path) -> Path:
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_beside(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temp_beside(path)
+    except OSError as e:
+        raise KapaoError(f"{path}: cannot write here ({e.strerror}); choose a writable folder") from None
     try:
         tmp.write_bytes(data)
         os.replace(tmp, path)
