@@ -208,3 +208,19 @@ def test_cli_export_official_weights(shared: Path, tmp_path: Path) -> None:
     assert main(["export", "--weights", str(ckpt), "--imgsz", "128", "--out", str(out)]) == 0
     meta = read_metadata(out)
     assert meta["model"] == "kapao-s" and meta["schema"]["names"] == list(coco_schema().names)
+
+
+def test_other_schema_roundtrip(tmp_path: Path) -> None:
+    """A CrowdPose-head model: 48 columns, its schema (and flip index) comes back from the file."""
+    m = KapaoModel("kapao-n", crowdpose_schema())
+    apply_weight_rule(m, 0)
+    path = export_onnx(m.eval(), tmp_path / "cp.onnx", imgsz=128, dynamic=True)
+    backend = OnnxBackend(path)
+    assert backend.schema.to_dict() == crowdpose_schema().to_dict()
+    x = torch.rand(1, 3, 128, 192, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = m(x)
+    out = backend(x)
+    assert out.shape == ref.shape and out.shape[-1] == 48
+    np.testing.assert_allclose(out[..., 4:20].numpy(), ref[..., 4:20].numpy(), atol=PROB_ATOL)
+    np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=COORD_RTOL, atol=COORD_ATOL_FUSED)
