@@ -4,6 +4,7 @@ forward output; metadata travels with the files; no ScatterND; clear errors for 
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -224,3 +225,10 @@ def test_other_schema_roundtrip(tmp_path: Path) -> None:
     assert out.shape == ref.shape and out.shape[-1] == 48
     np.testing.assert_allclose(out[..., 4:20].numpy(), ref[..., 4:20].numpy(), atol=PROB_ATOL)
     np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=COORD_RTOL, atol=COORD_ATOL_FUSED)
+
+
+def test_missing_onnx_package(model: KapaoModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import fails as if not installed
+    with pytest.raises(KapaoError, match=r"needs the onnx package: pip install 'kapao\[onnx\]'"):
+        export_onnx(model, tmp_path / "m.onnx", 64)
+    assert not list(tmp_path.iterdir())
