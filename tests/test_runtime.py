@@ -17,7 +17,7 @@ from kapao.postprocess import postprocess
 from kapao.results import Poses
 from kapao.runtime.bench import conv_bound, conv_gflops, mean_pose_oks, pose_oks, run_benchmark
 from kapao.runtime.export import export_onnx, sidecar_path
-from kapao.runtime.quantize import calibration_batches, float_tail_nodes, quantize_int8
+from kapao.runtime.quantize import calibration_batches, float_tail_nodes, leading_layer_nodes, quantize_int8
 from kapao.runtime.torch_cpu import CpuTorchBackend, ExactFp32Backend, exact_fp32
 from kapao.schema import coco_schema, crowdpose_schema
 from weight_rule import apply_weight_rule
@@ -144,6 +144,15 @@ def test_float_tail_is_head_and_decode(onnx_256: Path) -> None:
     assert sum(n.op_type == "Conv" for n in proto.graph.node) - len(head_convs) == 77
 
 
+def test_leading_layer_nodes(onnx_256: Path) -> None:
+    proto = onnx.load(str(onnx_256))
+    assert leading_layer_nodes(proto, 0) == []
+    first = leading_layer_nodes(proto, 1)  # the Focus stem: space-to-depth slices + one conv
+    assert [n for n in first if "Conv" in n] == ["/layers.0/conv/conv/Conv"]
+    two = leading_layer_nodes(proto, 2)
+    assert set(first) < set(two) and not any("/layers.2/" in n for n in two)
+
+
 def test_int8_quantization(onnx_256: Path, coco_images: list[Path], tmp_path: Path) -> None:
     q = quantize_int8(onnx_256, tmp_path / "s256-int8.onnx", coco_images[30:], num_images=4)
     meta = json.loads(sidecar_path(q).read_text())
@@ -161,6 +170,10 @@ def test_int8_quantization(onnx_256: Path, coco_images: list[Path], tmp_path: Pa
     kp_err = (out[..., 23:] - ref[..., 23:]).abs().mean().item()
     assert prob_err < 0.03, prob_err
     assert kp_err < 10.0, kp_err
+    mixed = quantize_int8(onnx_256, tmp_path / "mixed.onnx", coco_images[30:], num_images=2, float_layers=2)
+    assert json.loads(sidecar_path(mixed).read_text())["quantization"]["float_layers"] == 2
+    by_name = {n.name: n.op_type for n in onnx.load(str(mixed)).graph.node}
+    assert by_name.get("/layers.0/conv/conv/Conv") == "Conv"  # kept float
     with pytest.raises(KapaoError, match="starts from an fp32 export"):
         quantize_int8(q, tmp_path / "again.onnx", coco_images[30:], num_images=1)
     with pytest.raises(KapaoError, match="no calibration images"):

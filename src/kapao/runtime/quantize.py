@@ -10,6 +10,7 @@ a keypoint by several pixels.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ from kapao.errors import KapaoError
 from kapao.io.writers import write_json
 from kapao.runtime.export import read_metadata, set_onnx_metadata, sidecar_path
 
+_LAYER = re.compile(r"/layers\.(\d+)/")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 
@@ -76,6 +78,17 @@ def float_tail_nodes(model: Any) -> list[str]:
     return list(keep)
 
 
+def leading_layer_nodes(model: Any, n: int) -> list[str]:
+    """Names of the nodes of model layers 0..n-1 (the exporter names nodes by module path,
+    `/.../layers.<i>/...`)."""
+    out = []
+    for node in model.graph.node:
+        m = _LAYER.search(node.name)
+        if m and int(m.group(1)) < n:
+            out.append(node.name)
+    return out
+
+
 class _Reader:
     """onnxruntime.quantization CalibrationDataReader over pre-made batches, with the range
     interface of its strided calibration (`CalibStridedMinMax`)."""
@@ -102,6 +115,7 @@ def quantize_int8(
     method: str = "minmax",
     per_channel: bool = True,
     quant_format: str = "qoperator",
+    float_layers: int = 0,
 ) -> Path:
     """Static INT8 quantization of an fp32 kapao ONNX file -> `out_path` (+ sidecar).
 
@@ -110,6 +124,8 @@ def quantize_int8(
     keeps the head's output convs and the decode in float (`float_tail_nodes`). The metadata is
     copied with precision "int8". quant_format: "qoperator" (QLinearConv etc., the fastest on ORT
     CPU here) or "qdq" (QuantizeLinear/DequantizeLinear pairs, portable to other runtimes).
+    float_layers: also keep the first N model layers (`layers.0` .. `layers.N-1`, the
+    high-resolution stem) in float, trading speed for agreement with fp32.
     """
     try:
         import onnx
@@ -133,7 +149,7 @@ def quantize_int8(
         pre = Path(tmpdir) / "pre.onnx"
         quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=True)
         proto = onnx.load(str(pre))
-        exclude = float_tail_nodes(proto)
+        exclude = float_tail_nodes(proto) + leading_layer_nodes(proto, float_layers)
         q = Path(tmpdir) / "int8.onnx"
         quantize_static(
             str(pre),
@@ -156,6 +172,7 @@ def quantize_int8(
         meta = {**meta, "precision": "int8", "quantization": {
             "format": quant_format, "activations": "uint8", "weights": "int8 per-channel" if per_channel else "int8",
             "calibration": method, "calibration_images": len(batches), "float_nodes": len(exclude),
+            "float_layers": float_layers,
         }}
         set_onnx_metadata(qproto, meta)
         tmp_out = Path(tmpdir) / "final.onnx"
