@@ -34,5 +34,6 @@ def golden(shared: Path) -> Path:
 
 @pytest.fixture(autouse=True, scope="session")
 def _threads() -> None:
-    # The goldens were made with 2 torch threads; the same count keeps summation orders alike.
-    torch.set_num_threads(2)
+    # The goldens were made with 2 torch threads; the same count keeps summation orders alike
+    # (KAPAO_TEST_THREADS overrides it, e.g. to leave a core free for other work).
+    torch.set_num_threads(int(os.environ.get("KAPAO_TEST_THREADS", "2")))
