@@ -236,7 +236,7 @@ def test_split_source_and_errors(synth_yaml, tmp_path):
 
 
 def test_draw_labels_known_answer():
-    from kapao.cli.data import POSE_COLOR, draw_labels
+    from kapao.viz import POSE_COLOR, draw_labels
 
     schema = coco_schema()
     img = np.zeros((100, 200, 3), np.uint8)
