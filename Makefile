@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m kapao info
+	$(PY) -m kapao demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -257,3 +257,26 @@ def test_cli_unwritable_out(tmp_path: Path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 1 and len(err.splitlines()) == 1
     assert str(blocker / "out") in err and "cannot create the output folder" in err
+
+
+def test_side_cue_lightens_left_limbs_only():
+    from kapao.data.synthetic import SceneOptions, render_scene
+    from kapao.schema import coco_schema
+
+    schema = coco_schema()
+    plain = render_scene(np.random.default_rng(5), 256, 256, schema, SceneOptions(people=(1, 1), min_person=180, clutter=0))
+    cued = render_scene(np.random.default_rng(5), 256, 256, schema,
+                        SceneOptions(people=(1, 1), min_person=180, clutter=0, side_cue=0.5))
+    np.testing.assert_array_equal(plain.keypoints, cued.keypoints)  # same scene, same labels
+    names = schema.names
+    brighter = {}
+    for side in ("left", "right"):
+        for joint in ("elbow", "knee"):
+            k = names.index(f"{side}_{joint}")
+            x, y, v = plain.keypoints[0, k]
+            if v == 2:
+                xi, yi = int(x), int(y)
+                brighter[f"{side}_{joint}"] = int(cued.image[yi, xi].astype(int).sum()) - int(plain.image[yi, xi].astype(int).sum())
+    assert any(k.startswith("left") for k in brighter) and any(k.startswith("right") for k in brighter)
+    assert all(d > 0 for k, d in brighter.items() if k.startswith("left")), brighter
+    assert all(d == 0 for k, d in brighter.items() if k.startswith("right")), brighter

@@ -10,6 +10,7 @@ from kapao.errors import KapaoError
 
 # verb -> module under kapao.cli; each module has add_parser(subparsers) and run(args) -> int
 VERBS: dict[str, str] = {
+    "demo": "kapao.cli.demo",
     "info": "kapao.cli.info",
     "predict": "kapao.cli.predict",
     "val": "kapao.cli.val",

@@ -35,6 +35,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--clutter", type=float, default=1.0, help="background clutter and occluders, 0 (none) to 3 (default 1)"
     )
+    p.add_argument(
+        "--side-cue", type=float, default=0.0,
+        help="lighten every person's left limbs by this fraction (0-1): an easy left/right cue; train with fliplr 0",
+    )
     p.add_argument("--workers", type=int, default=1, help="processes to render with (output does not depend on it)")
 
 
@@ -56,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         aspect=aspect,
         min_person=args.min_person,
         clutter=args.clutter,
+        side_cue=args.side_cue,
         workers=max(1, args.workers),
     )
     dt = time.perf_counter() - t0

@@ -243,6 +243,7 @@ class PersonSpec:
     hair: str = "short"  # short | none
     short_sleeves: bool = False
     shorts: bool = False
+    side_cue: float = 0.0  # > 0: the person's left limbs are lighter by this fraction (see SceneOptions)
 
 
 def _jitter(rng: np.random.Generator, bgr: np.ndarray, amount: float) -> tuple[int, int, int]:
@@ -406,6 +407,8 @@ def build_human(spec: PersonSpec) -> Figure:
             ("foot", "heel", "foot", 0.045, col["shoes"], -0.002),
         )
         for part, j0, j1, w, color, bias in segs:
+            if s == "left" and spec.side_cue > 0:
+                color = tuple(int(round(c + (255 - c) * spec.side_cue)) for c in color)
             p0, p1 = pt[f"{s}_{j0}"], pt[f"{s}_{j1}"]
             depth = (zz[f"{s}_{j0}"] + zz[f"{s}_{j1}"]) / 2 + bias
             parts.append(_Part(f"{part}_{s}", depth, [_Shape("line", np.stack([p0, p1]), w * thick, color)]))
@@ -533,6 +536,9 @@ class SceneOptions:
     min_person: float = 30.0  # long side of the smallest person, pixels (the largest fills ~90% of the image)
     clutter: float = 1.0  # background shapes and foreground occluders: 0 none, 1 default, up to 3
     min_kp_area: float = 32.0 * 32.0  # as COCO: persons whose box area is smaller get no keypoint labels
+    # > 0 lightens every person's left limbs by this fraction: an easy left/right cue for small
+    # models. It contradicts left-right flip augmentation, so train such data with fliplr 0.
+    side_cue: float = 0.0
 
 
 @dataclass
@@ -681,6 +687,7 @@ def render_scene(
         for _ in range(n):
             spec = sample_person(rng)
             spec.size_px = float(math.exp(rng.uniform(math.log(lo), math.log(max_px))))
+            spec.side_cue = opt.side_cue
             persons.append(spec)
         persons.sort(key=lambda p: p.size_px * rng.uniform(0.7, 1.3))  # mostly smaller = farther
 
@@ -837,6 +844,8 @@ def _check_args(num_images: int, imgsz: int, opt: SceneOptions) -> None:
         raise KapaoError(f"minimum person size {opt.min_person} px is invalid; use 4 to the image size ({imgsz})")
     if not 0 <= opt.clutter <= 3:
         raise KapaoError(f"clutter {opt.clutter} is invalid; use 0 (plain backgrounds) to 3 (busy), default 1")
+    if not 0 <= opt.side_cue <= 1:
+        raise KapaoError(f"side cue {opt.side_cue} is invalid; use a fraction from 0 (none) to 1")
     if opt.min_kp_area < 0:
         raise KapaoError(f"min_kp_area {opt.min_kp_area} is negative; use 0 to label every person's keypoints")
 
@@ -861,6 +870,7 @@ def generate_dataset(
     min_person: float = 30.0,
     clutter: float = 1.0,
     min_kp_area: float = 32.0 * 32.0,
+    side_cue: float = 0.0,
     workers: int = 1,
 ) -> SplitPaths:
     """Write `num_images` scenes to OUT/images/<split>/ and OUT/annotations/person_keypoints_<split>.json.
@@ -875,6 +885,7 @@ def generate_dataset(
         float(min_person),
         float(clutter),
         float(min_kp_area),
+        float(side_cue),
     )
     _check_args(num_images, imgsz, opt)
     if keypoint_mapping(schema) is None:

@@ -75,6 +75,7 @@ def save(model: KapaoModel, path: str | Path, info: dict[str, Any] | None = None
     except OSError as e:
         raise KapaoError(f"{path}: cannot write here ({e.strerror}); choose another output path") from None
     os.close(fd)
+    os.chmod(tmp, 0o644)  # weights are shared files, not secrets (mkstemp makes them private)
     try:
         save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)
