@@ -27,3 +27,10 @@ def test_demo_runs_end_to_end_and_finds_the_people(tmp_path, capsys):
     assert len(predictions) >= 6  # 11 people in the four scenes
     ap = float(re.search(r"OKS AP on these scenes \(val preset\): AP ([0-9.]+)", out).group(1))
     assert ap > 0.1, out  # held-out scenes: an untrained model scores 0; the shipped one about 0.2
+
+
+def test_default_inference_size_follows_the_weights(golden):
+    from kapao import KAPAO
+
+    assert KAPAO().default_imgsz == 256  # the shipped model's training size
+    assert KAPAO(golden / "e2e" / "kapao_s_coco_seed0.pt").default_imgsz == 1280  # official: 1280

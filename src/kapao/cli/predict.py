@@ -52,7 +52,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="predict poses on images, folders, globs, videos or a webcam")
     p.add_argument("source", nargs="+", help="image, folder, glob, video file or webcam index (several allowed)")
     add_model_args(p)
-    p.add_argument("--imgsz", type=int, default=1280, help="inference size (longest side, rounded up to the stride)")
+    p.add_argument("--imgsz", type=int, default=None, help="inference size (longest side, rounded up to the stride); default: the size the weights were trained at (1280 for the official ones)")
     p.add_argument("--preset", default=None, choices=preset_names(), help="thresholds (default: demo for images, demo_video for videos)")
     add_threshold_args(p)
     p.add_argument("--batch-size", type=int, default=1, help="images per forward pass")

@@ -28,7 +28,7 @@ from kapao.viz import DrawOptions, draw_fps
 @dataclass
 class PredictJob:
     source: Any
-    imgsz: int = 1280
+    imgsz: int | None = None  # None: the size the weights were trained at
     preset: str | None = None  # None: "demo" for images, "demo_video" for videos/webcams
     overrides: dict[str, Any] = field(default_factory=dict)
     scales: list[float] | None = None

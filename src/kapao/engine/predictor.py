@@ -27,6 +27,8 @@ from kapao.presets import Preset, get_preset
 from kapao.results import Poses
 from kapao.schema import KeypointSchema
 
+DEFAULT_IMGSZ = 1280  # the official models' input size
+
 
 @dataclass
 class StageTimes:
@@ -69,8 +71,12 @@ def make_backend(weights: str | Path | None, device: str, half: bool, backend: s
     from kapao import weights as weights_lib
     from kapao.runtime.torch_backend import TorchBackend
 
-    model, _meta = weights_lib.load(weights if weights is not None else weights_lib.default_weights(), device="cpu", schema=schema)
-    return TorchBackend(model, device=device, half=half)
+    model, meta = weights_lib.load(weights if weights is not None else weights_lib.default_weights(), device="cpu", schema=schema)
+    backend = TorchBackend(model, device=device, half=half)
+    # the size the weights were trained for: the shipped model's recipe, or the registry's (1280)
+    trained = (meta.info or {}).get("recipe", {}).get("imgsz") or (meta.registry.input_size if meta.registry else None)
+    backend.default_imgsz = int(trained) if trained else DEFAULT_IMGSZ
+    return backend
 
 
 class KAPAO:
@@ -87,6 +93,7 @@ class KAPAO:
         self.backend = make_backend(weights, device, half, backend, data)
         self.schema: KeypointSchema = self.backend.schema
         self.stride: int = int(self.backend.stride)
+        self.default_imgsz: int = int(getattr(self.backend, "default_imgsz", DEFAULT_IMGSZ))
         self.times = StageTimes()
 
     # -- core: arrays in, Poses out --------------------------------------------------------------
@@ -94,7 +101,7 @@ class KAPAO:
     def predict_images(
         self,
         images: Sequence[np.ndarray],
-        imgsz: int = 1280,
+        imgsz: int | None = None,
         preset: str | Preset = "demo",
         scales: Sequence[float] | None = None,
         flips: Sequence[int | None] | None = None,
@@ -102,7 +109,9 @@ class KAPAO:
         paths: Sequence[str | None] | None = None,
         **overrides: Any,
     ) -> list[Poses]:
-        """BGR uint8 images -> one Poses each. Images whose letterboxed shapes agree run as one batch."""
+        """BGR uint8 images -> one Poses each. Images whose letterboxed shapes agree run as one batch.
+        imgsz None: the size the weights were trained at (1280 for the official weights)."""
+        imgsz = imgsz or self.default_imgsz
         params = preset if isinstance(preset, Preset) else get_preset(preset, **overrides)
         flips = normalize_flips(flips)
         if scales is not None and flips is None:
@@ -148,7 +157,7 @@ class KAPAO:
 
     # -- convenience: paths, lists and videos ------------------------------------------------------
 
-    def __call__(self, source: Any, imgsz: int = 1280, preset: str | None = None, **kwargs: Any) -> Any:
+    def __call__(self, source: Any, imgsz: int | None = None, preset: str | None = None, **kwargs: Any) -> Any:
         """np.ndarray or image path -> Poses; list -> list[Poses]; video path / webcam index -> generator."""
         if isinstance(source, np.ndarray):
             return self.predict_images([source], imgsz, preset or "demo", **kwargs)[0]
@@ -169,7 +178,7 @@ class KAPAO:
     def stream(
         self,
         items: Sequence[SourceItem],
-        imgsz: int = 1280,
+        imgsz: int | None = None,
         preset: str = "demo_video",
         errors: list[SourceError] | None = None,
         batch_size: int = 1,
@@ -191,6 +200,6 @@ class KAPAO:
         if batch:
             yield from self._flush(batch, imgsz, preset, kwargs)
 
-    def _flush(self, batch: list[Frame], imgsz: int, preset: str, kwargs: dict[str, Any]) -> Iterable[tuple[Frame, Poses]]:
+    def _flush(self, batch: list[Frame], imgsz: int | None, preset: str, kwargs: dict[str, Any]) -> Iterable[tuple[Frame, Poses]]:
         poses = self.predict_images([f.image for f in batch], imgsz, preset, paths=[f.path for f in batch], **kwargs)
         return zip(batch, poses)
