@@ -369,6 +369,8 @@ class Trainer:
         o = self.opt
         if self.dist.is_main:
             self.weights_dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.weights_dir.glob(".*tmp*"):  # temp files of a run killed while saving
+                stale.unlink(missing_ok=True)
             write_json(self.run_dir / "options.json", asdict(o), indent=2)
             if self.start_epoch == 0:
                 self._plot_train_batches()
