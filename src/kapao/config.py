@@ -12,6 +12,16 @@ import yaml
 from kapao.errors import KapaoError
 
 BLOCKS = ("Focus", "Conv", "C3", "SPP", "Upsample", "Concat")
+
+
+def read_yaml(path: Path) -> Any:
+    """The parsed YAML file, or a one-line KapaoError naming the file (for every config kind)."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise KapaoError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise KapaoError(f"{path}: cannot be read ({e}); check the file") from None
 MODEL_NAMES = ("kapao-n", "kapao-s", "kapao-m", "kapao-l")
 
 
@@ -112,8 +122,4 @@ def load_model_config(name_or_path: str | Path) -> ModelConfig:
                 f"{name_or_path}: unknown model config; use one of {', '.join(MODEL_NAMES)} or a YAML path"
             )
         p = shipped
-    try:
-        d = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise KapaoError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-    return ModelConfig.from_dict(d, source=str(p))
+    return ModelConfig.from_dict(read_yaml(p), source=str(p))

@@ -12,8 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from kapao.config import read_yaml
 from kapao.errors import KapaoError
 
 HYP_NAMES = ("hyp.kp-p6", "hyp.kp", "hyp.synth")
@@ -121,10 +120,7 @@ def load_hyp(path: str | Path = "hyp.kp-p6") -> Hyp:
         if shipped is None:
             raise KapaoError(f"{path}: hyp YAML not found; give a file path or one of: {', '.join(HYP_NAMES)}")
         p = shipped
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise KapaoError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    data = read_yaml(p)
     return Hyp.from_dict(data if data is not None else {}, source=str(p))
 
 

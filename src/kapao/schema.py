@@ -13,8 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from kapao.config import read_yaml
 from kapao.errors import KapaoError
 
 
@@ -151,10 +150,7 @@ def load_data_yaml(path: str | Path) -> tuple[dict[str, Any], str]:
         if shipped is None:
             raise KapaoError(f"{path}: data YAML not found; give a file path or one of: coco-kp, crowdpose")
         p = shipped
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise KapaoError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    data = read_yaml(p)
     if not isinstance(data, dict):
         raise KapaoError(f"{p}: expected a mapping at the top level of the data YAML")
     return data, str(p)
