@@ -18,56 +18,30 @@ shared/ is found beside the checkout or at $KAPAO_SHARED.
 from __future__ import annotations
 
 import argparse
-import math
+import importlib.util
 import os
-import re
 import time
-import zlib
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from kapao.data.dataset import KeypointDataset
 from kapao.engine.evaluator import run_validation
 from kapao.engine.predictor import make_backend
-from kapao.models.kapao import KapaoModel, official_key
+from kapao.models.kapao import KapaoModel
 from kapao.runtime.torch_backend import TorchBackend
 from kapao.schema import KeypointSchema, coco_schema, crowdpose_schema
 
 SHARED = Path(os.environ.get("KAPAO_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 STAGES = ("read", "pre", "forward", "nms", "fusion")
-_DETECT_BIAS = re.compile(r"model\.\d+\.m\.\d+\.bias")
-
-
 def seeded_weights(model: KapaoModel, seed: int = 0) -> KapaoModel:
-    """Fill `model` with the goldens' deterministic weight rule (shared/golden/README.md section 2):
-    every tensor from a generator seeded by crc32(official key) + seed, so the weights do not depend
-    on the construction order."""
-    head_index = len(model.layers)
-    new = {}
-    for key, value in model.state_dict().items():
-        name = official_key(key, head_index)
-        if name.endswith(("num_batches_tracked", ".anchors", ".anchor_grid")):
-            continue
-        shape = tuple(value.shape)
-        z = np.random.default_rng(zlib.crc32(name.encode("utf-8")) + seed).standard_normal(size=shape)
-        if len(shape) == 4:  # conv filters: zero mean, scaled by 1/sqrt(fan_in)
-            fan_in = int(np.prod(shape[1:]))
-            flat = z.reshape(shape[0], fan_in)
-            a = (flat - flat.mean(axis=1, keepdims=True)).reshape(shape) / math.sqrt(fan_in)
-        elif name.endswith(".running_mean"):
-            a = 0.05 * z
-        elif name.endswith(".running_var"):
-            a = 0.5 + 0.5 * z * z
-        elif name.endswith(".weight"):
-            a = 1.0 + 0.1 * z
-        elif _DETECT_BIAS.fullmatch(name):
-            a = 0.5 * z
-        else:  # BN beta
-            a = 1.0 + 0.05 * z
-        new[key] = torch.from_numpy(a.astype(np.float32))
-    model.load_state_dict(new, strict=False)
+    """Fill `model` with the goldens' deterministic weight rule (shared/golden/README.md section 2),
+    using the one implementation the tests keep in tests/weight_rule.py (loaded by file path)."""
+    path = Path(__file__).resolve().parents[1] / "tests" / "weight_rule.py"
+    spec = importlib.util.spec_from_file_location("kapao_weight_rule", path)
+    rule = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rule)
+    rule.apply_weight_rule(model, seed)
     return model
 
 
