@@ -125,6 +125,24 @@ def test_fused_model_close_to_unfused(seeded_s, forward_golden):
     assert np.abs(out[..., :4] - ref[..., :4]).max() < 0.05
 
 
+def test_head_stays_fp32_under_bf16_autocast(seeded_s, forward_golden):
+    """Mixed precision (training --bf16) runs the backbone in bf16 but the 1x1 output convs in
+    fp32: the logits come out fp32 and equal the fp32 head applied to the bf16 features."""
+    x = torch.from_numpy(forward_golden["input"])
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            feats = seeded_s.features(x)
+            raw = seeded_s.head(feats)
+        assert all(f.dtype == torch.bfloat16 for f in feats)
+        assert all(r.dtype == torch.float32 for r in raw)
+        ref = seeded_s.head([f.float() for f in feats])
+        exact = seeded_s.forward_raw(x)
+    for r, e in zip(raw, ref):
+        assert torch.equal(r, e)
+    # bf16 backbone logits stay near the fp32 ones (a sanity bound, not a golden)
+    assert max((r - e).abs().max().item() for r, e in zip(raw, exact)) < 1.0
+
+
 def test_updown_flip_leaves_keypoints(seeded_s, forward_golden):
     x = torch.from_numpy(forward_golden["input"])
     with torch.no_grad():

@@ -37,6 +37,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default="exp")
     p.add_argument("--exist-ok", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 autocast for the network (about 1.5x faster on CPUs with AVX512-BF16; head and loss fp32)")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
                    help="resume the latest run (or the given weights/last.pt) with its own options")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         linear_lr=args.linear_lr, val_scales=args.val_scales, val_flips=parse_flips(args.val_flips),
         val_imgsz=args.val_imgsz, noval=args.noval, nosave=args.nosave, patience=args.patience,
         workers=args.workers, cache=args.cache, device=args.device, project=args.project, name=args.name,
-        exist_ok=args.exist_ok, seed=args.seed, progress=not args.quiet,
+        exist_ok=args.exist_ok, seed=args.seed, bf16=args.bf16, progress=not args.quiet,
     )
     run_dir, history = train(opt, resume=args.resume)
     return 0

@@ -80,6 +80,7 @@ class TrainOptions:
     name: str = "exp"
     exist_ok: bool = False
     seed: int = 0
+    bf16: bool = False  # bf16 autocast for the network (CPU AVX512-BF16 or CUDA); head and loss stay fp32
     progress: bool = True
     info: dict[str, Any] = field(default_factory=dict)  # free-form, stored with the final weights
 
@@ -318,6 +319,9 @@ class Trainer:
         if frozen:
             self._log(f"froze {len(frozen)} parameter tensors of the first {o.freeze} layers")
         self.model = model.to(self.device)
+        if self.device.type == "cpu":
+            # oneDNN convolutions are ~15 % faster on NHWC tensors, forward and backward
+            self.model = self.model.to(memory_format=torch.channels_last)
         if self.dist.enabled and o.sync_bn:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
 
@@ -336,8 +340,12 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=self.lf)
         self.ema = ModelEMA(self.model) if self.dist.is_main else None
         self.loss_fn = KapaoLoss(core, self.hyp)
-        self.amp = self.device.type == "cuda"
+        # AMP as the official recipe on CUDA (fp16 + loss scaling); --bf16 needs no scaler
+        self.amp = self.device.type == "cuda" and not o.bf16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.autocast_dtype = torch.bfloat16 if o.bf16 else torch.float16
+        if o.bf16 and self.device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            self._log("warning: this CPU has no native bf16; --bf16 will be slower than fp32")
         self.start_epoch, self.best_fitness, self.stale_epochs = 0, -1.0, 0
         if self.resume_ckpt is not None:
             self._restore(self.resume_ckpt)
@@ -392,6 +400,8 @@ class Trainer:
             for i, (imgs, targets, _paths, _) in enumerate(bar):
                 ni = i + nb * epoch
                 imgs = imgs.to(self.device, non_blocking=True).float() / 255.0
+                if self.device.type == "cpu":
+                    imgs = imgs.contiguous(memory_format=torch.channels_last)
                 accumulate = self.accumulate
                 if ni < warmup_iters:
                     accumulate = warmup_accumulation(ni, warmup_iters, o.batch_size, o.nominal_batch)
@@ -399,9 +409,9 @@ class Trainer:
                            self.hyp.warmup_momentum, self.hyp.warmup_bias_lr)
                 if o.multi_scale:
                     imgs = self._random_scale(imgs)
-                with torch.autocast(device_type=self.device.type, enabled=self.amp):
+                with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.amp or o.bf16):
                     preds = self.model(imgs)
-                    loss, items = self.loss_fn(preds, targets.to(self.device))
+                loss, items = self.loss_fn(preds, targets.to(self.device))  # fp32 (it casts the logits)
                 if self.dist.enabled:
                     loss = loss * self.dist.world_size  # DDP averages gradients across processes
                 if not torch.isfinite(loss):

@@ -55,6 +55,12 @@ class KapaoHead(nn.Module):
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         """features[i] (B, C_i, H_i, W_i) -> raw logits per level, each (B, A, H_i, W_i, no)."""
+        device_type = features[0].device.type
+        if torch.is_autocast_enabled(device_type):
+            # mixed precision: the 1x1 output convs run in fp32, bf16/fp16 logits would cost
+            # keypoint precision (a bf16 logit near 1 is only good to ~0.4 %)
+            with torch.autocast(device_type, enabled=False):
+                return self.forward([f.float() for f in features])
         out = []
         for conv, f in zip(self.m, features):
             y = conv(f)
