@@ -88,6 +88,7 @@ def test_save_any_schema_and_half(tmp_path):
             p.normal_()
     f32 = save(model, tmp_path / "n32.safetensors", info={"recipe": "test", "ap": 0.5}, half=False)
     f16 = save(model, tmp_path / "n16.safetensors")
+    assert f32.stat().st_mode & 0o777 == 0o644  # shareable like any saved file, not mkstemp's 0600
     m32, meta32 = load(f32)
     m16, _ = load(f16)
     assert meta32.schema.to_dict() == schema.to_dict() and meta32.info == {"recipe": "test", "ap": 0.5}

@@ -75,9 +75,9 @@ def save(model: KapaoModel, path: str | Path, info: dict[str, Any] | None = None
     except OSError as e:
         raise KapaoError(f"{path}: cannot write here ({e.strerror}); choose another output path") from None
     os.close(fd)
-    os.chmod(tmp, 0o644)  # weights are shared files, not secrets (mkstemp makes them private)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        save_file(tensors, tmp, metadata=metadata)  # replaces the file, so the mode is set after
+        os.chmod(tmp, 0o644)  # weights are shared files, not secrets (mkstemp makes them private)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
