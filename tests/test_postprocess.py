@@ -433,3 +433,23 @@ def test_cuda_predictions_match_cpu(preds):
         assert len(gpu) == len(cpu)
         np.testing.assert_allclose(gpu.keypoints, cpu.keypoints, rtol=1e-5, atol=2e-3)
         np.testing.assert_allclose(gpu.scores, cpu.scores, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_per_class_nms_equals_one_offset_call(seed):
+    """Above PER_CLASS_NMS_FROM candidates NMS runs per class: the same kept boxes in the same
+    order as one torchvision call over the class-offset boxes (the official way), ties included."""
+    import torchvision
+
+    from kapao.postprocess import MAX_WH, PER_CLASS_NMS_FROM, _class_aware_nms
+
+    g = torch.Generator().manual_seed(seed)
+    n = PER_CLASS_NMS_FROM + 3000
+    xy = torch.rand(n, 2, generator=g) * 600
+    wh = torch.rand(n, 2, generator=g) * 80 + 4
+    classes = torch.randint(0, 18, (n,), generator=g).float()
+    scores = (torch.rand(n, generator=g) * 20).round() / 20  # many exact ties
+    boxes = torch.cat((xy, xy + wh), 1) + classes[:, None] * MAX_WH
+    for iou in (0.25, 0.45, 0.65):
+        ref = torchvision.ops.nms(boxes, scores, iou)
+        assert torch.equal(_class_aware_nms(boxes, scores, classes, iou), ref)

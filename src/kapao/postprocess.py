@@ -31,6 +31,7 @@ from kapao.results import Poses
 from kapao.schema import KeypointSchema
 
 MAX_WH = 4096  # class offset for class-aware NMS in one call (boxes of different classes never overlap)
+PER_CLASS_NMS_FROM = 2000  # candidates above which NMS runs per class (same result, less time)
 # distances computed per step of fuse_keypoints (sets how many objects per group a step looks at;
 # speed only, the result is the same for any value)
 FUSE_STEP_BUDGET = 2048
@@ -82,8 +83,21 @@ def nms_kp(
     # float32 for NMS: fp16 (--half) cannot hold the class offsets (16 * 4096 > 65504) and CPU
     # torchvision has no fp16 kernel; a no-op for float32 input
     boxes = det[:, :4].float() + det[:, 5:6].float() * MAX_WH
-    i = torchvision.ops.nms(boxes, det[:, 4].float(), iou_thres)[:max_det]
+    i = _class_aware_nms(boxes, det[:, 4].float(), det[:, 5], iou_thres)[:max_det]
     return det[i]
+
+
+def _class_aware_nms(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, iou_thres: float) -> torch.Tensor:
+    """torchvision NMS over class-offset boxes -> kept indices by descending score (ties: lower
+    index first), as one `nms` call over all boxes returns them. Boxes of different classes never
+    overlap, so with many candidates (e.g. thousands of keypoint objects at the val threshold) one
+    call per class keeps exactly the same boxes in a fraction of the O(n^2) time."""
+    if boxes.shape[0] <= PER_CLASS_NMS_FROM:
+        return torchvision.ops.nms(boxes, scores, iou_thres)
+    kept = [idx[torchvision.ops.nms(boxes[idx], scores[idx], iou_thres)]
+            for idx in (torch.nonzero(classes == c).view(-1) for c in torch.unique(classes))]
+    keep = torch.cat(kept).sort().values  # by index, so that the stable score sort breaks ties by index
+    return keep[scores[keep].sort(descending=True, stable=True).indices]
 
 
 def run_nms(
