@@ -131,6 +131,7 @@ def test_session_options() -> None:
     assert so.intra_op_num_threads == 3 and so.inter_op_num_threads == 1
     assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     assert so.get_session_config_entry("mlas.enable_gemm_fastmath_arm64_bfloat16") == "0"
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"  # no spinning against post
 
 
 def test_float_tail_is_head_and_decode(onnx_256: Path) -> None:
