@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kapao-installed
 # CPU-capable torch builds that pip takes from this machine's local index
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
-EXTRAS := dev,crowdpose,onnx,train
+EXTRAS := dev,crowdpose,onnx,openvino,train
 
 .PHONY: demo test test-fast bench install clean
 

@@ -45,6 +45,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib-n", type=int, default=32, help="calibration images for --int8")
     p.add_argument("--calib-method", default="minmax", choices=["minmax", "entropy", "percentile"],
                    help="activation-range calibration for --int8")
+    p.add_argument("--int8-format", default="qoperator", choices=["qoperator", "qdq"],
+                   help="qoperator: fastest on ONNX Runtime; qdq: Q/DQ pairs, what OpenVINO runs as int8")
     p.add_argument("--int8-float-layers", type=int, default=0, metavar="N",
                    help="keep the first N model layers float in --int8 (closer to fp32, slower)")
     p.add_argument("--out", default=None, help="output file (default: <weights or cfg stem>.<format>)")
@@ -67,6 +69,6 @@ def run(args: argparse.Namespace) -> int:
         from kapao.runtime.quantize import quantize_int8
 
         q = quantize_int8(path, path.with_name(path.stem + "-int8.onnx"), args.int8, args.calib_n, args.calib_method,
-                          float_layers=args.int8_float_layers)
+                          float_layers=args.int8_float_layers, quant_format=args.int8_format)
         print(f"wrote {q} and {q.name}.json ({q.stat().st_size / 1e6:.1f} MB)")
     return 0

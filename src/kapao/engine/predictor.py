@@ -25,6 +25,7 @@ from kapao.io.sources import Frame, SourceError, SourceItem, iter_frames, read_i
 from kapao.postprocess import postprocess
 from kapao.presets import Preset, get_preset
 from kapao.results import Poses
+from kapao.runtime.torch_backend import TorchBackend
 from kapao.schema import KeypointSchema
 
 DEFAULT_IMGSZ = 1280  # the official models' input size
@@ -57,26 +58,57 @@ def normalize_flips(flips: Sequence[int | None] | None) -> list[int | None] | No
     return [None if (f is None or int(f) == -1) else int(f) for f in flips]
 
 
-def make_backend(weights: str | Path | None, device: str, half: bool, backend: str, data: str | None):
-    """The inference backend for a weights file/name (torch) or an exported .onnx (onnxruntime)."""
+BACKENDS = ("torch", "onnxruntime", "openvino")
+PRECISIONS = ("fp32", "bf16")
+
+
+def make_backend(
+    weights: str | Path | None,
+    device: str,
+    half: bool,
+    backend: str,
+    data: str | None,
+    precision: str = "fp32",
+    threads: int | None = None,
+):
+    """The inference backend for a weights file/name (torch) or an exported .onnx (onnxruntime,
+    openvino). precision "bf16": torch (CPU) runs a bf16 backbone, openvino its bf16 mode; "fp32"
+    asks every runtime for IEEE fp32 where it would otherwise pick bf16 by itself."""
     schema = KeypointSchema.from_yaml(data) if data else None
-    if backend == "onnxruntime" or (weights is not None and str(weights).endswith(".onnx")):
+    if backend not in BACKENDS:
+        raise KapaoError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    if precision not in PRECISIONS:
+        raise KapaoError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    on_cuda = str(device).startswith("cuda")
+    if backend == "torch" and weights is not None and str(weights).endswith(".onnx"):
+        backend = "onnxruntime"  # an exported file needs a graph runtime
+    if backend in ("onnxruntime", "openvino"):
+        if weights is None or not str(weights).endswith(".onnx"):
+            raise KapaoError(f"--backend {backend} needs --weights MODEL.onnx (make one with `kapao export`)")
+        if backend == "openvino":
+            from kapao.runtime.openvino_backend import OpenVinoBackend
+
+            return OpenVinoBackend(str(weights), precision=precision, device="gpu" if on_cuda else "cpu", threads=threads)
+        if precision != "fp32":
+            raise KapaoError("--precision bf16 is for the torch and openvino backends; for onnxruntime export an --int8 file")
         from kapao.runtime.onnx_backend import OnnxBackend
 
-        if weights is None:
-            raise KapaoError("--backend onnxruntime needs --weights MODEL.onnx (make one with `kapao export`)")
-        return OnnxBackend(str(weights), providers="cuda" if str(device).startswith("cuda") else "cpu")
-    if backend != "torch":
-        raise KapaoError(f"unknown backend {backend!r}; use torch or onnxruntime")
+        return OnnxBackend(str(weights), providers="cuda" if on_cuda else "cpu", threads=threads)
     from kapao import weights as weights_lib
-    from kapao.runtime.torch_backend import TorchBackend
 
     model, meta = weights_lib.load(weights if weights is not None else weights_lib.default_weights(), device="cpu", schema=schema)
-    backend = TorchBackend(model, device=device, half=half)
+    if precision == "bf16":
+        if on_cuda:
+            raise KapaoError("--precision bf16 is the CPU path; on CUDA use --half")
+        from kapao.runtime.torch_cpu import CpuTorchBackend
+
+        runner = CpuTorchBackend(model, "bf16")
+    else:
+        runner = TorchBackend(model, device=device, half=half)
     # the size the weights were trained for: the shipped model's recipe, or the registry's (1280)
     trained = (meta.info or {}).get("recipe", {}).get("imgsz") or (meta.registry.input_size if meta.registry else None)
-    backend.default_imgsz = int(trained) if trained else DEFAULT_IMGSZ
-    return backend
+    runner.default_imgsz = int(trained) if trained else DEFAULT_IMGSZ
+    return runner
 
 
 class KAPAO:
@@ -89,8 +121,10 @@ class KAPAO:
         half: bool = False,
         backend: str = "torch",
         data: str | None = None,
+        precision: str = "fp32",
+        threads: int | None = None,
     ):
-        self.backend = make_backend(weights, device, half, backend, data)
+        self.backend = make_backend(weights, device, half, backend, data, precision, threads)
         self.schema: KeypointSchema = self.backend.schema
         self.stride: int = int(self.backend.stride)
         self.default_imgsz: int = int(getattr(self.backend, "default_imgsz", DEFAULT_IMGSZ))
@@ -118,6 +152,8 @@ class KAPAO:
             flips = [None] * len(scales)
         if flips is not None and scales is None:
             scales = [1.0] * len(flips)
+        if scales is not None and not isinstance(self.backend, TorchBackend):
+            raise KapaoError(f"test-time augmentation (scales/flips) runs on the fp32 torch backend, not {self.backend.name}")
         results: list[Poses | None] = [None] * len(images)
         prepared = []
         t0 = time.perf_counter()

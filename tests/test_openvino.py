@@ -1,0 +1,163 @@
+"""OpenVINO backend: fp32 equals the eager model and the official pipeline's poses; bf16 is what
+OpenVINO picks by itself on this CPU, so fp32 must be asked for; INT8 runs QDQ files in int8;
+predictor/val wiring and clear errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kapao.engine.predictor import KAPAO, make_backend
+from kapao.errors import KapaoError
+from kapao.models.kapao import KapaoModel
+from kapao.postprocess import postprocess
+from kapao.runtime.export import export_onnx, sidecar_path
+from kapao.schema import coco_schema, crowdpose_schema
+from weight_rule import apply_weight_rule
+
+ov = pytest.importorskip("openvino")
+pytest.importorskip("onnxruntime")  # export and INT8 quantization
+from kapao.runtime.openvino_backend import OpenVinoBackend  # noqa: E402
+from kapao.runtime.quantize import calibration_batches, quantize_int8  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model() -> KapaoModel:
+    m = KapaoModel("kapao-s", coco_schema())
+    apply_weight_rule(m, 0)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def onnx_dynamic(model: KapaoModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_onnx(model, tmp_path_factory.mktemp("ov") / "s-dyn.onnx", imgsz=256, dynamic=True)
+
+
+def compiled_precisions(backend: OpenVinoBackend, shape: tuple[int, ...]) -> set[str]:
+    """The runtime precisions OpenVINO chose for the convolutions of one compiled shape."""
+    runtime = backend._request(shape).get_compiled_model().get_runtime_model()
+    out = set()
+    for op in runtime.get_ordered_ops():
+        info = op.get_rt_info()
+        if info["layerType"].astype(str) == "Convolution":
+            out.add(info["runtimePrecision"].astype(str))
+    return out
+
+
+def test_fp32_equals_eager_on_any_shape(model: KapaoModel, onnx_dynamic: Path) -> None:
+    b = OpenVinoBackend(onnx_dynamic, precision="fp32", threads=2)
+    assert b.name == "openvino-cpu-fp32" and b.stride == 64 and b.fixed_hw is None
+    assert b.schema.to_dict() == coco_schema().to_dict()
+    for shape in [(1, 3, 256, 192), (2, 3, 128, 320)]:
+        x = torch.rand(*shape, generator=torch.Generator().manual_seed(shape[-1]))
+        with torch.no_grad():
+            ref = model(x)
+        out = b(x)
+        assert out.dtype == torch.float32 and out.shape == ref.shape
+        np.testing.assert_allclose(out[..., 4:23].numpy(), ref[..., 4:23].numpy(), atol=1e-5)
+        np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-5, atol=0.0127)  # fused-BN allowance
+    assert compiled_precisions(b, (1, 3, 256, 192)) == {"f32"}
+    assert len(b._compiled) == 2  # one compiled graph per input shape
+
+
+def test_bf16_is_asked_for_and_close(model: KapaoModel, onnx_dynamic: Path) -> None:
+    """The exact mode states f32: this CPU's OpenVINO default would otherwise be bf16."""
+    core = ov.Core()
+    if "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        pytest.skip("this CPU has no bf16 units")
+    assert str(core.get_property("CPU", "INFERENCE_PRECISION_HINT")) in ("bf16", "<Type: 'bfloat16'>")
+    b = OpenVinoBackend(onnx_dynamic, precision="bf16", threads=2)
+    x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = model(x)
+    out = b(x)
+    assert "bf16" in compiled_precisions(b, (1, 3, 256, 256))
+    assert b.name == "openvino-cpu-bf16"
+    assert (out[..., 4:23] - ref[..., 4:23]).abs().mean().item() < 0.02
+    assert (out - ref).abs().max().item() > 0  # really reduced precision
+
+
+def test_poses_equal_official_pipeline(golden: Path, model: KapaoModel, tmp_path: Path) -> None:
+    """OpenVINO fp32 output through kapao.postprocess == the official demo post-processing of the
+    official forward (postprocess.npz, forward__demo_image)."""
+    fwd = np.load(golden / "forward_s640.npz")
+    pp = np.load(golden / "postprocess.npz")
+    path = export_onnx(model, tmp_path / "s.onnx", imgsz=(448, 640))
+    b = OpenVinoBackend(path)
+    assert b.fixed_hw == (448, 640)
+    (poses,) = postprocess(b(torch.from_numpy(fwd["input"])), "demo", (448, 640), [(426, 640)], coco_schema())
+    key = "forward__demo_image__"
+    assert len(poses) == len(pp[key + "scores"]) == 6
+    np.testing.assert_allclose(poses.scores, pp[key + "scores"], atol=1e-5)
+    np.testing.assert_allclose(poses.boxes, pp[key + "bboxes"], atol=1.0)
+    np.testing.assert_allclose(poses.keypoints[..., :2], pp[key + "poses"][..., :2], rtol=1e-5, atol=0.0127)
+    with pytest.raises(KapaoError, match="fixed to 448x640 but got 256x256"):
+        b(torch.zeros(1, 3, 256, 256))
+
+
+def test_int8_qdq_runs_in_int8(model: KapaoModel, onnx_dynamic: Path, shared: Path, tmp_path: Path) -> None:
+    images = sorted((shared / "data" / "coco_mini" / "images").glob("*.jpg"))
+    qdq = quantize_int8(onnx_dynamic, tmp_path / "qdq.onnx", images[30:], num_images=3, quant_format="qdq")
+    b = OpenVinoBackend(qdq, threads=2)
+    assert b.precision == "int8" and b.name == "openvino-cpu-int8"
+    x = torch.from_numpy(np.concatenate(calibration_batches(images[:1], None, 256, 64)))
+    with torch.no_grad():
+        ref = model(x)
+    out = b(x)
+    precisions = compiled_precisions(b, tuple(x.shape))
+    assert "u8" in precisions or "i8" in precisions  # the backbone's convs run int8
+    assert "f32" in precisions  # the head's output convs stay float
+    assert (out[..., 4:23] - ref[..., 4:23]).abs().mean().item() < 0.03
+    qop = quantize_int8(onnx_dynamic, tmp_path / "qop.onnx", images[30:], num_images=1)
+    with pytest.raises(KapaoError, match="OpenVINO runs INT8 files in QDQ format, this one is qoperator"):
+        OpenVinoBackend(qop)
+
+
+def test_predictor_and_errors(onnx_dynamic: Path, model: KapaoModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    kp = KAPAO(str(onnx_dynamic), backend="openvino", threads=1)
+    assert kp.backend.name == "openvino-cpu-fp32"
+    img = np.full((200, 300, 3), 127, np.uint8)
+    (poses,) = kp.predict_images([img], imgsz=256, preset="val")
+    ref = KAPAO(str(onnx_dynamic), backend="onnxruntime").predict_images([img], imgsz=256, preset="val")[0]
+    assert len(poses) == len(ref)
+    np.testing.assert_allclose(poses.keypoints[..., :2], ref.keypoints[..., :2], atol=0.05)
+    with pytest.raises(KapaoError, match="test-time augmentation .* not openvino-cpu-fp32"):
+        kp.predict_images([img], imgsz=256, scales=[1, 0.8])
+    with pytest.raises(KapaoError, match="--backend openvino needs --weights MODEL.onnx"):
+        make_backend(None, "cpu", False, "openvino", None)
+    with pytest.raises(KapaoError, match="--precision bf16 is for the torch and openvino backends"):
+        make_backend(str(onnx_dynamic), "cpu", False, "onnxruntime", None, precision="bf16")
+    with pytest.raises(KapaoError, match="unknown backend 'tensorrt'"):
+        make_backend(str(onnx_dynamic), "cpu", False, "tensorrt", None)
+    with pytest.raises(KapaoError, match="openvino precision 'fp16'"):
+        OpenVinoBackend(onnx_dynamic, precision="fp16")
+    meta = json.loads(sidecar_path(onnx_dynamic).read_text())
+    bare = tmp_path / "other.onnx"
+    bare.write_bytes(onnx_dynamic.read_bytes())
+    import onnx
+
+    proto = onnx.load(str(bare))
+    del proto.metadata_props[:]
+    onnx.save(proto, str(bare))
+    meta["schema"] = crowdpose_schema().to_dict()
+    sidecar_path(bare).write_text(json.dumps(meta))
+    with pytest.raises(KapaoError, match=r"outputs 57 columns but .* \(K=14\) needs 48"):
+        OpenVinoBackend(bare)
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    with pytest.raises(KapaoError, match=r"pip install 'kapao\[openvino\]'"):
+        OpenVinoBackend(onnx_dynamic)
+
+
+def test_cli_predict_openvino_bf16(onnx_dynamic: Path, shared: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from kapao.cli.main import main
+
+    image = sorted((shared / "data" / "coco_mini" / "images").glob("*.jpg"))[0]
+    argv = ["predict", str(image), "--weights", str(onnx_dynamic), "--backend", "openvino", "--precision", "bf16",
+            "--imgsz", "256", "--save-json", "--project", str(tmp_path), "--name", "ov"]
+    assert main(argv) == 0
+    assert (tmp_path / "ov").is_dir() and any((tmp_path / "ov").glob("*.json"))
