@@ -8,7 +8,7 @@ STAMP := $(VENV)/.kapao-installed
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 EXTRAS := dev,crowdpose,onnx,openvino,train
 
-.PHONY: demo test test-fast bench install clean
+.PHONY: demo test test-fast install clean
 
 install: $(STAMP)
 
@@ -28,9 +28,6 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
-
-bench: $(STAMP)
-	$(PY) benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info runs
