@@ -116,6 +116,7 @@ def quantize_int8(
     per_channel: bool = True,
     quant_format: str = "qoperator",
     float_layers: int = 0,
+    op_types: Sequence[str] | None = None,
 ) -> Path:
     """Static INT8 quantization of an fp32 kapao ONNX file -> `out_path` (+ sidecar).
 
@@ -160,6 +161,7 @@ def quantize_int8(
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             nodes_to_exclude=exclude,
+            op_types_to_quantize=list(op_types) if op_types else None,
             # min/max: one image per calibration step, ranges merged as it goes (bounded memory)
             extra_options={"CalibStridedMinMax": 1} if method == "minmax" else {},
             calibrate_method={
