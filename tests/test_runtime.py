@@ -175,6 +175,9 @@ def test_int8_quantization(onnx_256: Path, coco_images: list[Path], tmp_path: Pa
     assert json.loads(sidecar_path(mixed).read_text())["quantization"]["float_layers"] == 2
     by_name = {n.name: n.op_type for n in onnx.load(str(mixed)).graph.node}
     assert by_name.get("/layers.0/conv/conv/Conv") == "Conv"  # kept float
+    conv_only = quantize_int8(onnx_256, tmp_path / "conv.onnx", coco_images[30:], num_images=1, op_types=["Conv"])
+    qlinear = {n.op_type for n in onnx.load(str(conv_only)).graph.node if n.op_type.startswith("QLinear")}
+    assert qlinear == {"QLinearConv"}
     with pytest.raises(KapaoError, match="starts from an fp32 export"):
         quantize_int8(q, tmp_path / "again.onnx", coco_images[30:], num_images=1)
     with pytest.raises(KapaoError, match="no calibration images"):
