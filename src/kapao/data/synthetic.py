@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import os
 import zlib
 from collections import deque
@@ -899,7 +900,9 @@ def generate_dataset(
 
     tasks = [(i, split_name, int(seed), int(imgsz), opt, schema, str(images_dir)) for i in range(num_images)]
     if workers > 1 and num_images > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        # spawn, not fork: the caller may hold runtime thread pools (torch, ONNX Runtime, OpenVINO)
+        # that a forked child inherits half-initialised (a segfault seen under pytest)
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             results = list(pool.map(_make_one, tasks, chunksize=8))
     else:
         results = [_make_one(t) for t in tasks]
