@@ -25,9 +25,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+	KAPAO_OPENVINO_TESTS=1 $(PY) -m pytest -q tests/test_openvino.py  # own process, see tests/conftest.py
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
+	KAPAO_OPENVINO_TESTS=1 $(PY) -m pytest -q tests/test_openvino.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info runs

@@ -13,6 +13,13 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
+# OpenVINO ships its own oneDNN/TBB; loaded into the one long pytest process beside torch's and ONNX
+# Runtime's, a later, unrelated test segfaulted at random points of the full suite (never in the
+# OpenVINO tests, never in shorter runs). Its tests therefore run in their own process:
+# `make test` runs them after the rest with KAPAO_OPENVINO_TESTS=1.
+collect_ignore = [] if os.environ.get("KAPAO_OPENVINO_TESTS") == "1" else ["test_openvino.py"]
+
+
 def shared_dir() -> Path:
     return Path(os.environ.get("KAPAO_SHARED", REPO.parent / "shared"))
 
