@@ -25,6 +25,11 @@ THRESHOLD_FLAGS = {
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default=None, help="weights file (official .pt, kapao .safetensors, .onnx) or registry name; default: the shipped model")
     p.add_argument("--data", default=None, help="data YAML whose keypoint schema the weights use (needed only for custom keypoint sets)")
+    add_backend_args(p)
+
+
+def add_backend_args(p: argparse.ArgumentParser) -> None:
+    """Where and how the network runs: shared by predict and val."""
     p.add_argument("--device", default="cpu", help="cpu or cuda:0")
     p.add_argument("--half", action="store_true", help="fp16 inference (CUDA only)")
     p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "openvino"],

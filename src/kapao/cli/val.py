@@ -4,27 +4,20 @@ from __future__ import annotations
 
 import argparse
 
-from kapao.cli.predict import add_threshold_args, threshold_overrides
+from kapao.cli.predict import add_backend_args, add_threshold_args, threshold_overrides
 from kapao.data.dataset import KeypointDataset, split_source
 from kapao.engine.evaluator import run_validation
 from kapao.engine.predictor import make_backend, normalize_flips
-from kapao.runtime.torch_backend import TorchBackend
 from kapao.errors import KapaoError
 from kapao.io.writers import next_run_dir, write_json
+from kapao.runtime.torch_backend import TorchBackend
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("val", help="evaluate OKS AP on a COCO-format keypoint set")
     p.add_argument("--data", required=True, help="data YAML (coco-kp, crowdpose, or your own)")
     p.add_argument("--weights", default=None, help="weights file or registry name; default: the shipped model")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--half", action="store_true", help="fp16 inference (CUDA only)")
-    p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "openvino"],
-                   help="onnxruntime/openvino run an exported .onnx (`kapao export`)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                   help="bf16: torch CPU bf16 backbone or OpenVINO bf16 (about 2x faster on AVX512-BF16 CPUs); "
-                        "fp32 is stated explicitly to runtimes that would pick bf16 themselves")
-    p.add_argument("--threads", type=int, default=None, help="onnxruntime/openvino threads (default: one per core)")
+    add_backend_args(p)
     p.add_argument("--imgsz", type=int, default=1280)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--rect", action="store_true", help="rectangular batches (sorted by aspect ratio) as the official --rect")
