@@ -54,6 +54,19 @@ def normalize_imgsz(imgsz: int | Sequence[int], stride: int) -> tuple[int, int]:
     return hw
 
 
+def check_graph_input(path: str | Path, x: torch.Tensor, fixed_hw: tuple[int, int] | None) -> None:
+    """The input checks every exported-graph runtime makes before it runs: (B, 3, H, W), and the
+    graph's own size when it was exported fixed."""
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise KapaoError(f"{path}: input must be (B, 3, H, W), got {tuple(x.shape)}")
+    if fixed_hw and tuple(x.shape[2:]) != fixed_hw:
+        h, w = fixed_hw
+        raise KapaoError(
+            f"{path}: this graph is fixed to {h}x{w} but got {x.shape[2]}x{x.shape[3]}; "
+            f"letterbox to {h}x{w} or export with --dynamic"
+        )
+
+
 def output_columns(schema: KeypointSchema) -> list[str]:
     """Names of the 5 + nc + 2K output columns: box, objectness, class scores, keypoint coordinates."""
     cls = ["cls_person"] + [f"cls_{n}" for n in schema.names]

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from kapao.errors import KapaoError
-from kapao.runtime.export import read_metadata, schema_from_metadata
+from kapao.runtime.export import check_graph_input, read_metadata, schema_from_metadata
 from kapao.schema import KeypointSchema
 
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
@@ -123,14 +123,7 @@ class OpenVinoBackend:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, 3, H, W) float in [0, 1] -> (B, N, 5 + nc + 2K) float32 (on the CPU)."""
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise KapaoError(f"{self.path}: input must be (B, 3, H, W), got {tuple(x.shape)}")
-        if self.fixed_hw and tuple(x.shape[2:]) != self.fixed_hw:
-            h, w = self.fixed_hw
-            raise KapaoError(
-                f"{self.path}: this graph is fixed to {h}x{w} but got {x.shape[2]}x{x.shape[3]}; "
-                f"letterbox to {h}x{w} or export with --dynamic"
-            )
+        check_graph_input(self.path, x, self.fixed_hw)
         arr = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
         if self._fixed_batch is not None and arr.shape[0] != self._fixed_batch:
             out = np.concatenate([self._run(arr[i : i + 1]) for i in range(arr.shape[0])], 0)
