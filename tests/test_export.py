@@ -27,7 +27,7 @@ from kapao.runtime.export import (
 )
 from kapao.runtime.torchscript_backend import TorchScriptBackend
 from kapao.schema import coco_schema, crowdpose_schema
-from weight_rule import apply_weight_rule
+from weight_rule import apply_weight_rule, seeded_kapao_s
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -52,9 +52,7 @@ def assert_matches(out: torch.Tensor, ref: torch.Tensor) -> None:
 
 @pytest.fixture(scope="module")
 def model() -> KapaoModel:
-    m = KapaoModel("kapao-s", coco_schema())
-    apply_weight_rule(m, 0)
-    return m.eval()
+    return seeded_kapao_s()
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from kapao.models.kapao import KapaoModel
 from kapao.postprocess import postprocess
 from kapao.runtime.export import export_onnx, sidecar_path
 from kapao.schema import coco_schema, crowdpose_schema
-from weight_rule import apply_weight_rule
+from weight_rule import seeded_kapao_s
 
 ov = pytest.importorskip("openvino")
 pytest.importorskip("onnxruntime")  # export and INT8 quantization
@@ -28,9 +28,7 @@ from kapao.runtime.quantize import calibration_batches, quantize_int8  # noqa: E
 
 @pytest.fixture(scope="module")
 def model() -> KapaoModel:
-    m = KapaoModel("kapao-s", coco_schema())
-    apply_weight_rule(m, 0)
-    return m.eval()
+    return seeded_kapao_s()
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from kapao.runtime.export import export_onnx, sidecar_path
 from kapao.runtime.quantize import calibration_batches, float_tail_nodes, leading_layer_nodes, quantize_int8
 from kapao.runtime.torch_cpu import CpuTorchBackend, ExactFp32Backend, exact_fp32
 from kapao.schema import coco_schema, crowdpose_schema
-from weight_rule import apply_weight_rule
+from weight_rule import apply_weight_rule, seeded_kapao_s
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -29,9 +29,7 @@ from kapao.runtime.onnx_backend import OnnxBackend, session_options  # noqa: E40
 
 @pytest.fixture(scope="module")
 def model() -> KapaoModel:
-    m = KapaoModel("kapao-s", coco_schema())
-    apply_weight_rule(m, 0)
-    return m.eval()
+    return seeded_kapao_s()
 
 
 @pytest.fixture(scope="module")

@@ -51,3 +51,14 @@ def apply_weight_rule(model, seed: int = 0, fp16: bool = False) -> None:
         t = torch.from_numpy(w)
         new[k] = t.half().float() if fp16 else t
     model.load_state_dict(new, strict=False)
+
+
+def seeded_kapao_s(seed: int = 0):
+    """KAPAO-S (COCO-17) with the goldens' seeded weights, in eval mode: the model the export and
+    runtime goldens were made from."""
+    from kapao.models.kapao import KapaoModel
+    from kapao.schema import coco_schema
+
+    m = KapaoModel("kapao-s", coco_schema())
+    apply_weight_rule(m, seed)
+    return m.eval()
