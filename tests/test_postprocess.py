@@ -437,8 +437,9 @@ def test_cuda_predictions_match_cpu(preds):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_per_class_nms_equals_one_offset_call(seed):
-    """Above PER_CLASS_NMS_FROM candidates NMS runs per class: the same kept boxes in the same
-    order as one torchvision call over the class-offset boxes (the official way), ties included."""
+    """Above PER_CLASS_NMS_FROM candidates NMS runs per class, and with a max_det cap on a most-
+    confident prefix first: the same kept boxes in the same order as one torchvision call over the
+    class-offset boxes (the official way) cut at max_det, ties included."""
     import torchvision
 
     from kapao.postprocess import MAX_WH, PER_CLASS_NMS_FROM, _class_aware_nms
@@ -453,3 +454,26 @@ def test_per_class_nms_equals_one_offset_call(seed):
     for iou in (0.25, 0.45, 0.65):
         ref = torchvision.ops.nms(boxes, scores, iou)
         assert torch.equal(_class_aware_nms(boxes, scores, classes, iou), ref)
+        # caps below, near and above the number kept: the prefix must grow in the last cases
+        for max_det in (1, 30, 300, len(ref) - 1, len(ref), len(ref) + 1, 10 * n):
+            assert torch.equal(_class_aware_nms(boxes, scores, classes, iou, max_det), ref[:max_det]), (iou, max_det)
+
+
+def test_prefix_nms_grows_when_most_boxes_are_suppressed():
+    """Heavily overlapping candidates (few survive): the prefix must widen until max_det boxes
+    survive or every candidate was seen, and still equal the full call."""
+    import torchvision
+
+    from kapao.postprocess import _class_aware_nms
+
+    g = torch.Generator().manual_seed(7)
+    n = 6000
+    centres = torch.rand(40, 2, generator=g) * 2000  # 40 clusters of near-identical boxes
+    xy = centres[torch.randint(0, 40, (n,), generator=g)] + torch.rand(n, 2, generator=g)
+    boxes = torch.cat((xy, xy + 50), 1)
+    scores = torch.rand(n, generator=g)
+    classes = torch.zeros(n)
+    ref = torchvision.ops.nms(boxes, scores, 0.45)
+    assert 30 <= len(ref) < 300  # fewer survivors than the cap: every candidate has to be visited
+    for max_det in (5, 300):
+        assert torch.equal(_class_aware_nms(boxes, scores, classes, 0.45, max_det), ref[:max_det])

@@ -32,6 +32,10 @@ from kapao.schema import KeypointSchema
 
 MAX_WH = 4096  # class offset for class-aware NMS in one call (boxes of different classes never overlap)
 PER_CLASS_NMS_FROM = 2000  # candidates above which NMS runs per class (same result, less time)
+# with a max_det cap, NMS first runs on this many x max_det most confident candidates (growing
+# 4x while fewer than max_det survive): greedy NMS decides each box from higher-scored boxes only,
+# so the first max_det kept boxes are the same as from NMS over all candidates
+PREFIX_NMS_FACTOR = 4
 # distances computed per step of fuse_keypoints (sets how many objects per group a step looks at;
 # speed only, the result is the same for any value)
 FUSE_STEP_BUDGET = 2048
@@ -68,30 +72,53 @@ def nms_kp(
     (boxes offset by cls * 4096); at most `max_det` are kept.
     """
     nc = 1 + num_keypoints
-    x = pred[pred[:, 4] > conf_thres]
-    cls_conf = x[:, 5 : 5 + nc] * x[:, 4:5]
-    conf, j = cls_conf.max(1, keepdim=True)
-    keep = conf.view(-1) > conf_thres
+    # the same row-wise arithmetic as the official code, but gathering only the columns each step
+    # needs and full rows only for the kept boxes (junk-heavy outputs have thousands of candidates)
+    rows = torch.nonzero(pred[:, 4] > conf_thres).view(-1)
+    cand = pred[rows, 4 : 5 + nc]
+    conf, j = (cand[:, 1:] * cand[:, :1]).max(1)
+    keep = conf > conf_thres
     if classes is not None:
-        keep &= torch.isin(j.view(-1), torch.as_tensor(list(classes), device=j.device, dtype=j.dtype))
-    x, conf, j = x[keep], conf[keep], j[keep]
-    det = torch.cat((_xywh2xyxy(x[:, :4]), conf, j.to(x.dtype), x[:, 5 + nc :]), 1)
-    if det.shape[0] > max_nms:
-        det = det[det[:, 4].argsort(descending=True)[:max_nms]]
-    if det.shape[0] == 0:
-        return det
+        keep &= torch.isin(j, torch.as_tensor(list(classes), device=j.device, dtype=j.dtype))
+    rows, conf, j = rows[keep], conf[keep], j[keep]
+    if rows.numel() > max_nms:
+        top = conf.argsort(descending=True)[:max_nms]
+        rows, conf, j = rows[top], conf[top], j[top]
+    if rows.numel() == 0:
+        return pred.new_zeros((0, 6 + 2 * num_keypoints))
+    cls = j.to(pred.dtype)
     # float32 for NMS: fp16 (--half) cannot hold the class offsets (16 * 4096 > 65504) and CPU
     # torchvision has no fp16 kernel; a no-op for float32 input
-    boxes = det[:, :4].float() + det[:, 5:6].float() * MAX_WH
-    i = _class_aware_nms(boxes, det[:, 4].float(), det[:, 5], iou_thres)[:max_det]
-    return det[i]
+    boxes = _xywh2xyxy(pred[rows, :4]).float() + cls[:, None].float() * MAX_WH
+    i = _class_aware_nms(boxes, conf.float(), cls, iou_thres, max_det)
+    x = pred[rows[i]]
+    return torch.cat((_xywh2xyxy(x[:, :4]), conf[i, None], cls[i, None], x[:, 5 + nc :]), 1)
 
 
-def _class_aware_nms(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, iou_thres: float) -> torch.Tensor:
-    """torchvision NMS over class-offset boxes -> kept indices by descending score (ties: lower
-    index first), as one `nms` call over all boxes returns them. Boxes of different classes never
-    overlap, so with many candidates (e.g. thousands of keypoint objects at the val threshold) one
-    call per class keeps exactly the same boxes in a fraction of the O(n^2) time."""
+def _class_aware_nms(
+    boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, iou_thres: float, max_det: int | None = None
+) -> torch.Tensor:
+    """torchvision NMS over class-offset boxes -> the first `max_det` (None: all) kept indices by
+    descending score (ties: lower index first), exactly as `nms(boxes, scores)[:max_det]` returns
+    them. Junk-heavy inputs (thousands of candidates, e.g. keypoint objects at the val threshold)
+    cost O(n^2) in one call; a most-confident prefix decides the first max_det kept boxes alone."""
+    n = boxes.shape[0]
+    if max_det is None or n <= PREFIX_NMS_FACTOR * max_det:
+        return _nms_all(boxes, scores, classes, iou_thres)[:max_det]
+    order = scores.sort(descending=True, stable=True).indices  # the order the full call visits
+    m = PREFIX_NMS_FACTOR * max_det
+    while True:
+        idx = order[:m]
+        keep = _nms_all(boxes[idx], scores[idx], classes[idx], iou_thres)
+        if keep.numel() >= max_det or m >= n:
+            return idx[keep[:max_det]]
+        m *= PREFIX_NMS_FACTOR
+
+
+def _nms_all(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, iou_thres: float) -> torch.Tensor:
+    """Every kept index, as one torchvision call over the class-offset boxes returns them. Boxes
+    of different classes never overlap, so above PER_CLASS_NMS_FROM candidates one call per class
+    keeps exactly the same boxes in a fraction of the time."""
     if boxes.shape[0] <= PER_CLASS_NMS_FROM:
         return torchvision.ops.nms(boxes, scores, iou_thres)
     kept = [idx[torchvision.ops.nms(boxes[idx], scores[idx], iou_thres)]
@@ -118,7 +145,11 @@ def run_nms(
         raise KapaoError(f"run_nms: rows have {pred.shape[-1]} columns, expected {6 + 3 * k} for K={k} keypoints")
     kw = {"num_keypoints": k, "max_det": preset.max_det, "max_nms": preset.max_nms}
     person_dets, kp_dets = [], []
+    floor = min(preset.conf_thres, preset.conf_thres_kp)
     for x in pred:  # per image, as NMS is
+        # one pass over the (large) raw rows: every later filter is stricter than obj > floor,
+        # and the kept rows stay in their order, so NMS breaks ties as over all rows
+        x = x[x[:, 4] > floor]
         if preset.combined_nms:
             d = nms_kp(x, preset.conf_thres, preset.iou_thres, **kw)
             person_dets.append(d[d[:, 5] == 0])
