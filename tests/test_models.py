@@ -154,6 +154,77 @@ def test_updown_flip_leaves_keypoints(seeded_s, forward_golden):
     assert plain.shape == ud.shape
 
 
+def test_map_decode_equals_official_decode(seeded_s, forward_golden):
+    """The exported graphs' elementwise decode (`decode_maps`) gives the official decode's rows,
+    on the golden input (official output, golden tolerances) and bit-close to our `decode`."""
+    x = torch.from_numpy(forward_golden["input"])
+    head = seeded_s.head
+    with torch.no_grad():
+        feats = seeded_s.features(x)
+        maps = head.output_maps(feats)
+        ours = head.decode_maps(maps, head.map_decode_coefficients())
+        ref = head.decode(head(feats))
+    assert_predictions_close(ours.numpy(), forward_golden["output"])
+    # only float rounding apart: probabilities equal, coordinates within a few float32 ulps
+    assert torch.equal(ours[..., 4:23], ref[..., 4:23])
+    coords = torch.cat((ours[..., :4], ours[..., 23:]), -1) - torch.cat((ref[..., :4], ref[..., 23:]), -1)
+    assert coords.abs().max().item() < 1e-3
+
+
+def test_map_decode_other_schema_and_anchors():
+    """Any K and anchor count: decode_maps rows equal decode rows (a 5-keypoint, 2-anchor head
+    with distinct anchors per level, on a non-square batch-2 input)."""
+    from kapao.models.head import KapaoHead
+
+    torch.manual_seed(0)
+    k = 5
+    anchors = [[10, 13, 16, 30], [30, 61, 62, 45], [116, 90, 156, 198]]
+    head = KapaoHead(1 + k, 2 * k, anchors, [8, 16, 32]).eval()
+    head.set_strides(torch.tensor([8.0, 16.0, 32.0]))
+    feats = [torch.randn(2, c, 64 // s, 32 // s) * 3 for c, s in ((8, 8), (16, 16), (32, 32))]
+    with torch.no_grad():
+        ours = head.decode_maps(head.output_maps(feats), head.map_decode_coefficients())
+        ref = head.decode(head(feats))
+    assert ours.shape == ref.shape == (2, 2 * (8 * 4 + 4 * 2 + 2 * 1), 5 + 6 + 10)
+    np.testing.assert_allclose(ours.numpy(), ref.numpy(), rtol=1e-6, atol=1e-4)
+
+
+@pytest.mark.parametrize("k,s", [(3, 1), (1, 1), (3, 2)])
+@pytest.mark.parametrize("fused", [False, True])
+def test_focus_as_strided_conv(k, s, fused):
+    """Focus (space-to-depth + conv) equals its one-conv form (kernel 2k, stride 2s), BN kept or
+    folded; and a whole model with it converted gives the same predictions."""
+    from kapao.models.layers import Focus
+
+    torch.manual_seed(k + s)
+    focus = Focus(3, 16, k, s).eval()
+    focus.conv.bn.running_mean.normal_()
+    focus.conv.bn.running_var.uniform_(0.5, 2.0)
+    if fused:
+        focus.conv.fuse()
+    x = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        ref, ours = focus(x), focus.as_conv()(x)
+    assert ours.shape == ref.shape
+    np.testing.assert_allclose(ours.numpy(), ref.numpy(), rtol=0, atol=2e-6)
+
+
+def test_model_focus_as_conv_keeps_predictions(seeded_s, forward_golden):
+    """The exported graphs' form of the model (BN folded, Focus as one conv) against the official
+    output, with the README's fused-forward allowance on coordinates (0.0127 px; both changes only
+    reorder float sums)."""
+    import copy
+
+    model = copy.deepcopy(seeded_s).fuse().focus_as_conv()
+    assert not any(type(m).__name__ == "Focus" for m in model.modules())
+    with torch.no_grad():
+        out = model(torch.from_numpy(forward_golden["input"])).numpy()
+    ref = forward_golden["output"]
+    np.testing.assert_allclose(out[..., 4:23], ref[..., 4:23], rtol=0, atol=1e-5)
+    coords = np.r_[0:4, 23 : ref.shape[-1]]
+    np.testing.assert_allclose(out[..., coords], ref[..., coords], rtol=1e-5, atol=0.0127)
+
+
 def test_bad_tta_flip_is_refused(seeded_s):
     with pytest.raises(KapaoError, match="flips"):
         seeded_s(torch.zeros(1, 3, 64, 64), augment=True, scales=[1], flips=[-1])

@@ -146,8 +146,8 @@ def test_float_tail_is_head_and_decode(onnx_256: Path) -> None:
 def test_leading_layer_nodes(onnx_256: Path) -> None:
     proto = onnx.load(str(onnx_256))
     assert leading_layer_nodes(proto, 0) == []
-    first = leading_layer_nodes(proto, 1)  # the Focus stem: space-to-depth slices + one conv
-    assert [n for n in first if "Conv" in n] == ["/layers.0/conv/conv/Conv"]
+    first = leading_layer_nodes(proto, 1)  # the Focus stem, exported as one strided conv
+    assert [n for n in first if "Conv" in n] == ["/layers.0/conv/Conv"]
     two = leading_layer_nodes(proto, 2)
     assert set(first) < set(two) and not any("/layers.2/" in n for n in two)
 
@@ -172,7 +172,7 @@ def test_int8_quantization(onnx_256: Path, coco_images: list[Path], tmp_path: Pa
     mixed = quantize_int8(onnx_256, tmp_path / "mixed.onnx", coco_images[30:], num_images=2, float_layers=2)
     assert json.loads(sidecar_path(mixed).read_text())["quantization"]["float_layers"] == 2
     by_name = {n.name: n.op_type for n in onnx.load(str(mixed)).graph.node}
-    assert by_name.get("/layers.0/conv/conv/Conv") == "Conv"  # kept float
+    assert by_name.get("/layers.0/conv/Conv") == "Conv"  # kept float
     conv_only = quantize_int8(onnx_256, tmp_path / "conv.onnx", coco_images[30:], num_images=1, op_types=["Conv"])
     qlinear = {n.op_type for n in onnx.load(str(conv_only)).graph.node if n.op_type.startswith("QLinear")}
     assert qlinear == {"QLinearConv"}

@@ -38,7 +38,6 @@ def run(args: argparse.Namespace) -> int:
     timed, calib = files[: args.n], (files[args.n :] or files)
     model = load_model(args)
     threads = int(args.threads or torch.get_num_threads())
-    torch.set_num_threads(threads)
     print(f"kapao benchmark: {model.cfg.name}, {len(timed)} images from {folder}, {threads} threads, "
           f"torch {torch.__version__}, {platform.processor() or platform.machine()}")
     bounds = {} if args.no_bound else measure_bounds(threads)

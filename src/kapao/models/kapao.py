@@ -175,6 +175,14 @@ class KapaoModel(nn.Module):
             cls_kp = cls_kp[..., flip_index]
         return torch.cat((xy, wh, conf, cls_kp, kp), -1)
 
+    def focus_as_conv(self) -> "KapaoModel":
+        """Replace every Focus layer by its equivalent strided conv (`Focus.as_conv`), for
+        inference graphs; the official checkpoint key layout no longer applies afterwards."""
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, Focus):
+                self.layers[i] = layer.as_conv()
+        return self
+
     def fuse(self) -> "KapaoModel":
         """Fold every BatchNorm into its conv, for inference (as the official loader does)."""
         for m in self.modules():

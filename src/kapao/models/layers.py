@@ -57,6 +57,25 @@ class Focus(nn.Module):
             torch.cat([x[..., ::2, ::2], x[..., 1::2, ::2], x[..., ::2, 1::2], x[..., 1::2, 1::2]], 1)
         )
 
+    @torch.no_grad()
+    def as_conv(self) -> Conv:
+        """The same layer as one strided conv on the full-resolution input (kernel 2k, stride 2s,
+        padding 2p): the space-to-depth block (dy, dx) of channel c at tap (ky, kx) is the input
+        pixel at tap (2ky + dy, 2kx + dx). Equal up to float summation order; exported graphs use
+        it because runtimes run the four strided slices and their concat slowly."""
+        inner = self.conv.conv
+        c_out, c4, k, _ = inner.weight.shape
+        c_in, (s, p) = c4 // 4, (inner.stride[0], inner.padding[0])
+        conv = nn.Conv2d(c_in, c_out, 2 * k, 2 * s, 2 * p, bias=inner.bias is not None)
+        conv = conv.to(inner.weight.device, inner.weight.dtype)
+        w = inner.weight.view(c_out, 2, 2, c_in, k, k)  # (o, dx, dy, c, ky, kx): blocks in cat order
+        conv.weight.copy_(w.permute(0, 3, 4, 2, 5, 1).reshape(c_out, c_in, 2 * k, 2 * k))
+        if inner.bias is not None:
+            conv.bias.copy_(inner.bias)
+        out = Conv(c_in, c_out, 2 * k, 2 * s, act=False)
+        out.conv, out.bn, out.act = conv, self.conv.bn, self.conv.act
+        return out.requires_grad_(inner.weight.requires_grad)
+
 
 class Bottleneck(nn.Module):
     """1x1 -> 3x3 conv pair, with a residual connection when the shapes allow it."""

@@ -11,7 +11,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,10 +164,10 @@ def build_backend(
     if name == "torch-bf16":
         return CpuTorchBackend(m, "bf16")
     if name.startswith(("ort-", "ov-")):
-        from kapao.runtime.export import export_onnx
+        from kapao.runtime.export import GRAPH_REVISION, export_onnx
         from kapao.runtime.onnx_backend import OnnxBackend
 
-        fp32 = workdir / f"{model.cfg.name}-{weights_digest(model)}-{imgsz}-dynamic.onnx"
+        fp32 = workdir / f"{model.cfg.name}-{weights_digest(model)}-g{GRAPH_REVISION}-{imgsz}-dynamic.onnx"
         if not fp32.is_file():
             export_onnx(m.fuse(), fp32, imgsz, dynamic=True)
         from kapao.runtime.openvino_backend import OpenVinoBackend
@@ -217,6 +218,18 @@ def conv_gflops(model: KapaoModel, hw: tuple[int, int]) -> float:
     return total / 1e9
 
 
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op thread count set for a block and restored after it: callers in the same
+    process (tests, notebooks) keep theirs, and the fp32 forward's rounding depends on it."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def conv_bound(precision: str, threads: int, channels: int = 256, size: int = 64, repeats: int = 5) -> float:
     """Measured GFLOP/s (GOP/s for int8) of one 3x3 conv, channels -> channels on size x size:
     fp32 and bf16 with torch (oneDNN, channels-last), int8 with ONNX Runtime's QLinearConv
@@ -224,11 +237,10 @@ def conv_bound(precision: str, threads: int, channels: int = 256, size: int = 64
     flops = 2.0 * channels * channels * 9 * size * size
     if precision in ("fp32", "bf16"):
         dtype = torch.float32 if precision == "fp32" else torch.bfloat16
-        torch.set_num_threads(threads)
         conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False).to(dtype).eval()
         conv = conv.to(memory_format=torch.channels_last)
         x = torch.randn(1, channels, size, size).to(dtype).contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
+        with torch.inference_mode(), torch_threads(threads):
             run: Callable[[], Any] = lambda: conv(x)  # noqa: E731
             return flops / _best_time(run, repeats) / 1e9
     if precision == "int8":
@@ -297,9 +309,24 @@ def run_benchmark(
     if not files:
         raise KapaoError("benchmark: no images given; pass a folder of real photos")
     threads = int(threads or torch.get_num_threads())
-    torch.set_num_threads(threads)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    with torch_threads(threads):
+        return _run_benchmark(model, files, imgsz_list, backends, threads, preset, workdir, calib_images, log, bounds)
+
+
+def _run_benchmark(
+    model: KapaoModel,
+    files: list[Path],
+    imgsz_list: Sequence[int],
+    backends: Sequence[str],
+    threads: int,
+    preset: str,
+    workdir: Path,
+    calib_images: str | Path | Sequence[str | Path] | None,
+    log: Callable[[str], None] | None,
+    bounds: dict[str, float] | None,
+) -> list[BenchRow]:
     rows: list[BenchRow] = []
     for imgsz in imgsz_list:
         ref_poses: list[Poses] | None = None
@@ -318,23 +345,34 @@ def run_benchmark(
             if log:
                 log(format_row(row))
         if log and bounds:
-            hw = _typical_hw(files, imgsz, model.max_stride)
-            g = conv_gflops(model, hw)
-            parts = ", ".join(f"{p} {g / v * 1000:.0f} ms" for p, v in bounds.items() if v > 0)
-            log(f"  forward bound at {hw[0]}x{hw[1]} ({g:.1f} GFLOPs): {parts}")
+            log(format_forward_bounds(model, files, imgsz, bounds))
     return rows
 
 
-def _typical_hw(files: Sequence[Path], imgsz: int, stride: int) -> tuple[int, int]:
-    """The most common demo-letterbox input shape of these images at imgsz."""
-    shapes: dict[tuple[int, int], int] = {}
+def input_shapes(files: Sequence[Path], imgsz: int, stride: int) -> list[tuple[int, int]]:
+    """The demo-letterbox network input (H, W) of each image at imgsz."""
+    out = []
     for f in files:
         h0, w0 = read_image(f).shape[:2]
         r = imgsz / max(h0, w0)
         h, w = round(h0 * r), round(w0 * r)
-        hw = (-(-h // stride) * stride, -(-w // stride) * stride)
-        shapes[hw] = shapes.get(hw, 0) + 1
-    return max(shapes, key=lambda k: shapes[k])
+        out.append((-(-h // stride) * stride, -(-w // stride) * stride))
+    return out
+
+
+def format_forward_bounds(model: KapaoModel, files: Sequence[Path], imgsz: int, bounds: dict[str, float]) -> str:
+    """The forward-time bound per precision at the most common input shape, and averaged over the
+    timed images' own shapes (what the per-image mean times of the table are to be compared with)."""
+    shapes = input_shapes(files, imgsz, model.max_stride)
+    gflops = {hw: conv_gflops(model, hw) for hw in set(shapes)}
+    typical = max(gflops, key=shapes.count)
+    mean = float(np.mean([gflops[hw] for hw in shapes]))
+    parts = []
+    for label, g in ((f"at {typical[0]}x{typical[1]} ({gflops[typical]:.1f} GFLOPs)", gflops[typical]),
+                     (f"mean over these images ({mean:.1f} GFLOPs)", mean)):
+        ms = ", ".join(f"{p} {g / v * 1000:.0f} ms" for p, v in bounds.items() if v > 0)
+        parts.append(f"{label}: {ms}")
+    return "  forward bound " + "; ".join(parts)
 
 
 def format_header() -> str:

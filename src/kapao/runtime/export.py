@@ -30,6 +30,9 @@ from kapao.schema import KeypointSchema
 
 METADATA_KEY = "kapao"
 METADATA_VERSION = 1
+# bumped whenever the exported graph changes for the same weights (2: elementwise map decode);
+# files cached by it (e.g. the benchmark's exports) are then rebuilt
+GRAPH_REVISION = 2
 INPUT_NAME = "images"
 OUTPUT_NAME = "output"
 FORMATS = ("onnx", "torchscript")
@@ -90,6 +93,7 @@ def export_metadata(
     return {
         "kapao_metadata_version": METADATA_VERSION,
         "kapao_version": __version__,
+        "graph_revision": GRAPH_REVISION,
         "format": fmt,
         "opset": opset,
         "model": model.cfg.name,
@@ -180,19 +184,20 @@ def _torchscript_embedded(path: Path) -> str | None:
 
 
 class _Exported(nn.Module):
-    """What gets exported: float32 image in, float32 decoded predictions out. With half=True the
+    """What gets exported: float32 image in, float32 decoded predictions out, decoded with
+    `KapaoHead.decode_maps` (elementwise, no slices: see kapao.models.head). With half=True the
     network runs in fp16 but the decode stays in fp32 (fp16 has 0.5 px steps at 1024 px)."""
 
     def __init__(self, model: KapaoModel, dtype: torch.dtype):
         super().__init__()
         self.model = model
         self.dtype = dtype
+        self.register_buffer("coefficients", model.head.map_decode_coefficients().to(next(model.parameters()).device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dtype == torch.float32:
-            return self.model.head.decode(self.model.forward_raw(x))
-        raw = self.model.forward_raw(x.to(self.dtype))
-        return self.model.head.decode([r.float() for r in raw])
+        head = self.model.head
+        maps = head.output_maps(self.model.features(x.to(self.dtype)))
+        return head.decode_maps([m.float() for m in maps], self.coefficients)
 
 
 def _check_model(model: KapaoModel) -> None:
@@ -201,12 +206,14 @@ def _check_model(model: KapaoModel) -> None:
 
 
 def _prepare(model: KapaoModel, half: bool, fuse: bool) -> tuple[_Exported, torch.device]:
-    """A copy of `model` in eval mode, BN folded when `fuse`, fp16 when `half` (head buffers
-    fp32 for the decode), wrapped for export; and its device. The caller's model is untouched."""
+    """A copy of `model` in eval mode, BN folded when `fuse`, Focus as one strided conv, fp16 when
+    `half` (head buffers fp32 for the decode), wrapped for export; and its device. The caller's
+    model is untouched."""
     model = copy.deepcopy(model).float().eval()
     model.requires_grad_(False)
     if fuse:
         model.fuse()
+    model.focus_as_conv()
     device = next(model.parameters()).device
     dtype = torch.float16 if half else torch.float32
     if half:
