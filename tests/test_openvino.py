@@ -1,11 +1,13 @@
 """OpenVINO backend: fp32 equals the eager model and the official pipeline's poses; bf16 is what
-OpenVINO picks by itself on this CPU, so fp32 must be asked for; INT8 runs QDQ files in int8;
-predictor/val wiring and clear errors."""
+OpenVINO picks by itself on this CPU, so fp32 must be asked for; INT8 runs QDQ files and NNCF-
+quantized IR in int8 (SiLU and quantization fused into the convs for the IR); predictor/val/CLI
+wiring and clear errors."""
 
 from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -112,7 +114,7 @@ def test_int8_qdq_runs_in_int8(model: KapaoModel, onnx_dynamic: Path, shared: Pa
     assert "f32" in precisions  # the head's output convs stay float
     assert (out[..., 4:23] - ref[..., 4:23]).abs().mean().item() < 0.03
     qop = quantize_int8(onnx_dynamic, tmp_path / "qop.onnx", images[30:], num_images=1)
-    with pytest.raises(KapaoError, match="OpenVINO runs INT8 files in QDQ format, this one is qoperator"):
+    with pytest.raises(KapaoError, match="OpenVINO runs INT8 OpenVINO IR or QDQ files, this one is qoperator"):
         OpenVinoBackend(qop)
 
 
@@ -159,3 +161,66 @@ def test_cli_predict_openvino_bf16(onnx_dynamic: Path, shared: Path, tmp_path: P
             "--imgsz", "256", "--save-json", "--project", str(tmp_path), "--name", "ov"]
     assert main(argv) == 0
     assert (tmp_path / "ov").is_dir() and any((tmp_path / "ov").glob("*.json"))
+
+
+def test_int8_openvino_ir(model: KapaoModel, onnx_dynamic: Path, shared: Path, tmp_path: Path) -> None:
+    """NNCF INT8 IR: backbone convs int8 with SiLU and the next layer's quantization fused into
+    them (no separate f32 activation pass), head convs and decode float, output close to fp32,
+    metadata in the IR itself, written whole."""
+    from kapao.runtime.export import read_metadata
+    from kapao.runtime.openvino_quantize import quantize_openvino_int8
+
+    images = sorted((shared / "data" / "coco_mini" / "images").glob("*.jpg"))
+    ir = quantize_openvino_int8(onnx_dynamic, tmp_path / "s-int8.xml", images[30:], num_images=3)
+    assert ir.is_file() and ir.with_suffix(".bin").is_file() and sidecar_path(ir).is_file()
+    assert not list(tmp_path.glob(".kapao-quant-*"))  # the temporary folder is gone
+    sidecar_path(ir).unlink()  # the IR carries its own metadata
+    meta = read_metadata(ir)
+    assert meta["precision"] == "int8" and meta["quantization"]["format"] == "openvino"
+    assert meta["quantization"]["calibration_images"] == 3 and meta["schema"] == coco_schema().to_dict()
+    b = OpenVinoBackend(ir, threads=2)
+    assert b.precision == "int8" and b.name == "openvino-cpu-int8" and b.fixed_hw is None
+    x = torch.from_numpy(np.concatenate(calibration_batches(images[:1], None, 256, 64)))
+    with torch.no_grad():
+        ref = model(x)
+    out = b(x)
+    assert out.shape == ref.shape
+    # measured on this image (random weights): mean |d prob| ~0.005; keypoints shift a few px
+    assert (out[..., 4:23] - ref[..., 4:23]).abs().mean().item() < 0.03
+    assert (out[..., 23:] - ref[..., 23:]).abs().mean().item() < 10.0
+    runtime = b._request(tuple(x.shape)).get_compiled_model().get_runtime_model()
+    kinds = Counter((op.get_rt_info()["layerType"].astype(str), op.get_rt_info()["runtimePrecision"].astype(str))
+                    for op in runtime.get_ordered_ops())
+    # 77 backbone/neck convs in int8, the 4 head convs in f32
+    assert kinds[("Convolution", "u8")] + kinds[("Convolution", "i8")] == 77 and kinds[("Convolution", "f32")] == 4, kinds
+    # SiLU and the quantization run inside the int8 convs: no separate activation pass per conv
+    # (the QDQ file has one per conv, a third of its forward time); what is left is the decode
+    # and a few residual adds
+    assert sum(n for (kind, _), n in kinds.items() if kind in ("Subgraph", "Eltwise", "FakeQuantize")) <= 12, kinds
+    with pytest.raises(KapaoError, match="name the output .xml"):
+        quantize_openvino_int8(onnx_dynamic, tmp_path / "x.onnx", images[30:], num_images=1)
+    with pytest.raises(KapaoError, match="starts from an fp32 export"):
+        quantize_openvino_int8(ir, tmp_path / "again.xml", images[30:], num_images=1)
+
+
+def test_int8_openvino_ir_from_cli_and_predict(shared: Path, tmp_path: Path) -> None:
+    """`kapao export --int8 IMAGES --int8-format openvino` writes NAME-int8.xml; `kapao predict`
+    runs it on OpenVINO by its suffix; onnxruntime refuses it with a clear message."""
+    from kapao.cli.main import main
+
+    images = shared / "data" / "coco_mini" / "images"
+    out = tmp_path / "n.onnx"
+    assert main(["export", "--cfg", "kapao-n", "--imgsz", "256", "--dynamic", "--out", str(out),
+                 "--int8", str(images), "--calib-n", "2", "--int8-format", "openvino"]) == 0
+    ir = tmp_path / "n-int8.xml"
+    assert ir.is_file() and ir.with_suffix(".bin").is_file()
+    kp = KAPAO(str(ir), threads=1)
+    assert kp.backend.name == "openvino-cpu-int8"
+    image = sorted(images.glob("*.jpg"))[0]
+    assert main(["predict", str(image), "--weights", str(ir), "--imgsz", "256", "--save-json",
+                 "--project", str(tmp_path), "--name", "p"]) == 0
+    assert any((tmp_path / "p").glob("*.json"))
+    with pytest.raises(KapaoError, match="OpenVINO IR runs on --backend openvino"):
+        make_backend(str(ir), "cpu", False, "onnxruntime", None)
+    assert main(["export", "--cfg", "kapao-n", "--imgsz", "256", "--out", str(tmp_path / "m.onnx"),
+                 "--int8", str(images), "--int8-format", "openvino", "--int8-float-layers", "1"]) != 0

@@ -19,6 +19,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_source(p)
     p.add_argument("--images", required=True, help="folder of real images to time on")
     p.add_argument("--n", type=int, default=20, help="images to time (the first n, sorted); the rest calibrate INT8")
+    p.add_argument("--calib", default=None, metavar="FOLDER",
+                   help="calibrate INT8 on this folder's images instead (then all --n can be timed)")
     p.add_argument("--imgsz", type=int, nargs="+", default=[640, 1024, 1280], help="inference sizes")
     p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS,
                    help="the first is the reference for the OKS agreement")
@@ -28,14 +30,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-bound", action="store_true", help="skip the 3x3-conv GFLOP/s measurement")
 
 
-def run(args: argparse.Namespace) -> int:
-    folder = Path(args.images)
+def _images(folder: Path, option: str) -> list[Path]:
     if not folder.is_dir():
-        raise KapaoError(f"--images {folder}: not a folder; give a folder of real photos")
+        raise KapaoError(f"{option} {folder}: not a folder; give a folder of real photos")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise KapaoError(f"--images {folder}: no .jpg/.png images in it")
+        raise KapaoError(f"{option} {folder}: no .jpg/.png images in it")
+    return files
+
+
+def run(args: argparse.Namespace) -> int:
+    folder = Path(args.images)
+    files = _images(folder, "--images")
     timed, calib = files[: args.n], (files[args.n :] or files)
+    if args.calib:
+        calib = _images(Path(args.calib), "--calib")
     model = load_model(args)
     threads = int(args.threads or torch.get_num_threads())
     print(f"kapao benchmark: {model.cfg.name}, {len(timed)} images from {folder}, {threads} threads, "

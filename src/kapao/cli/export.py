@@ -45,8 +45,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib-n", type=int, default=32, help="calibration images for --int8")
     p.add_argument("--calib-method", default="minmax", choices=["minmax", "entropy", "percentile"],
                    help="activation-range calibration for --int8")
-    p.add_argument("--int8-format", default="qoperator", choices=["qoperator", "qdq"],
-                   help="qoperator: fastest on ONNX Runtime; qdq: Q/DQ pairs, what OpenVINO runs as int8")
+    p.add_argument("--int8-format", default="qoperator", choices=["qoperator", "qdq", "openvino"],
+                   help="qoperator: ONNX for ONNX Runtime; openvino: OpenVINO IR (NNCF), the fastest on "
+                        "Intel/AMD CPUs; qdq: ONNX with Q/DQ pairs for other runtimes")
     p.add_argument("--int8-float-layers", type=int, default=0, metavar="N",
                    help="keep the first N model layers float in --int8 (closer to fp32, slower)")
     p.add_argument("--out", default=None, help="output file (default: <weights or cfg stem>.<format>)")
@@ -65,7 +66,15 @@ def run(args: argparse.Namespace) -> int:
     imgsz = args.imgsz[0] if len(args.imgsz) == 1 else args.imgsz
     path = export(model, out, args.format, imgsz, args.dynamic, args.half, args.simplify, args.opset)
     print(f"wrote {path} and {path.name}.json ({path.stat().st_size / 1e6:.1f} MB)")
-    if args.int8:
+    if args.int8 and args.int8_format == "openvino":
+        if args.calib_method != "minmax" or args.int8_float_layers:
+            raise KapaoError("--int8-format openvino calibrates with NNCF; drop --calib-method/--int8-float-layers")
+        from kapao.runtime.openvino_quantize import quantize_openvino_int8
+
+        q = quantize_openvino_int8(path, path.with_name(path.stem + "-int8.xml"), args.int8, args.calib_n)
+        size = q.stat().st_size + q.with_suffix(".bin").stat().st_size
+        print(f"wrote {q}, {q.with_suffix('.bin').name} and {q.name}.json ({size / 1e6:.1f} MB)")
+    elif args.int8:
         from kapao.runtime.quantize import quantize_int8
 
         q = quantize_int8(path, path.with_name(path.stem + "-int8.onnx"), args.int8, args.calib_n, args.calib_method,

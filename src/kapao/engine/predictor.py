@@ -80,10 +80,13 @@ def make_backend(
     if precision not in PRECISIONS:
         raise KapaoError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     on_cuda = str(device).startswith("cuda")
-    if backend == "torch" and weights is not None and str(weights).endswith(".onnx"):
-        backend = "onnxruntime"  # an exported file needs a graph runtime
+    suffix = Path(str(weights)).suffix if weights is not None else ""
+    if backend == "torch" and suffix in (".onnx", ".xml"):
+        backend = "onnxruntime" if suffix == ".onnx" else "openvino"  # an exported file needs a graph runtime
     if backend in ("onnxruntime", "openvino"):
-        if weights is None or not str(weights).endswith(".onnx"):
+        if suffix == ".xml" and backend == "onnxruntime":
+            raise KapaoError(f"{weights}: an OpenVINO IR runs on --backend openvino, not onnxruntime")
+        if suffix not in (".onnx", ".xml"):
             raise KapaoError(f"--backend {backend} needs --weights MODEL.onnx (make one with `kapao export`)")
         if backend == "openvino":
             from kapao.runtime.openvino_backend import OpenVinoBackend

@@ -29,7 +29,7 @@ from kapao.schema import KeypointSchema
 
 # torch-eager: unfused, NCHW; torch-fused: BN folded; torch-cl: fused + channels-last;
 # torch-bf16: torch-cl with a bf16 backbone; ort-*: ONNX Runtime and ov-*: OpenVINO on a
-# dynamic-shape export
+# dynamic-shape export (ort-int8: QOperator ONNX; ov-int8: NNCF-quantized OpenVINO IR)
 BACKENDS = ("torch-eager", "torch-fused", "torch-cl", "torch-bf16", "ort-fp32", "ort-int8", "ov-fp32", "ov-bf16", "ov-int8")
 STAGES = ("read", "pre", "forward", "post")
 
@@ -180,14 +180,25 @@ def build_backend(
 
         if calib_images is None:
             raise KapaoError(f"{name} needs calibration images (a folder of real photos)")
-        fmt = "qdq" if name == "ov-int8" else "qoperator"
-        int8 = fp32.with_name(f"{fp32.stem}-int8-{fmt}.onnx")
-        if not int8.is_file():
-            quantize_int8(fp32, int8, calib_images, quant_format=fmt)
+        tag = _calibration_tag(calib_images)
         if name == "ov-int8":
-            return OpenVinoBackend(int8, threads=threads)
+            from kapao.runtime.openvino_quantize import quantize_openvino_int8
+
+            ir = fp32.with_name(f"{fp32.stem}-int8-{tag}.xml")
+            if not ir.is_file():
+                quantize_openvino_int8(fp32, ir, calib_images)
+            return OpenVinoBackend(ir, threads=threads)
+        int8 = fp32.with_name(f"{fp32.stem}-int8-{tag}-qoperator.onnx")
+        if not int8.is_file():
+            quantize_int8(fp32, int8, calib_images, quant_format="qoperator")
         return OnnxBackend(int8, threads=threads)
     raise KapaoError(f"benchmark backend {name!r}: choose from {', '.join(BACKENDS)}")
+
+
+def _calibration_tag(images: str | Path | Sequence[str | Path]) -> str:
+    """A short digest of the calibration image list: cached INT8 files belong to their images."""
+    names = [str(images)] if isinstance(images, (str, Path)) else sorted(str(p) for p in images)
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:8]
 
 
 def weights_digest(model: KapaoModel) -> str:

@@ -128,8 +128,9 @@ def sidecar_path(path: str | Path) -> Path:
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
-    """Metadata of an exported file: embedded (ONNX metadata_props / TorchScript extra file) if
-    present, else the sidecar. Raises KapaoError when neither exists or it is not valid JSON."""
+    """Metadata of an exported file: embedded (ONNX metadata_props / TorchScript extra file /
+    OpenVINO IR rt_info) if present, else the sidecar. Raises KapaoError when neither exists or it
+    is not valid JSON."""
     path = Path(path)
     if not path.is_file():
         raise KapaoError(f"{path}: no such file; export one with `kapao export --format onnx`")
@@ -138,6 +139,8 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         text = _onnx_embedded(path)
     elif path.suffix in (".torchscript", ".pt", ".ts"):
         text = _torchscript_embedded(path)
+    elif path.suffix == ".xml":
+        text = _openvino_embedded(path)
     if text is None:
         side = sidecar_path(path)
         if not side.is_file():
@@ -168,6 +171,17 @@ def _onnx_embedded(path: Path) -> str | None:
         if prop.key == METADATA_KEY:
             return prop.value
     return None
+
+
+def _openvino_embedded(path: Path) -> str | None:
+    """The `<rt_info><kapao value=.../>` entry of an OpenVINO IR .xml, read without OpenVINO."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        entry = ET.parse(path).getroot().find(f"rt_info/{METADATA_KEY}")
+    except ET.ParseError as e:
+        raise KapaoError(f"{path}: not a valid OpenVINO IR ({e}); export it again with `kapao export`") from None
+    return None if entry is None else entry.get("value")
 
 
 def _torchscript_embedded(path: Path) -> str | None:

@@ -34,8 +34,9 @@ def _import_openvino() -> Any:
 class OpenVinoBackend:
     """backend(x (B, 3, H, W) float32 in [0, 1]) -> (B, N, 5 + nc + 2K) float32, input pixels.
 
-    path: a file written by `kapao export --format onnx` (dynamic or fixed shape): fp32, or INT8
-    in QDQ format (`--int8 IMAGES --int8-format qdq`), whose Q/DQ pairs OpenVINO turns into int8
+    path: a file written by `kapao export --format onnx` (dynamic or fixed shape): fp32 ONNX, an
+    INT8 OpenVINO IR (`--int8 IMAGES --int8-format openvino`, NAME.xml + NAME.bin, the fastest),
+    or INT8 ONNX in QDQ format (`--int8-format qdq`), whose Q/DQ pairs OpenVINO turns into int8
     (VNNI) convolutions.
     precision: "fp32" (IEEE f32, stated explicitly) or "bf16" (OpenVINO keeps the precision-
     sensitive ops, e.g. the decode's sigmoids, in f32 where its plugin needs them).
@@ -64,10 +65,10 @@ class OpenVinoBackend:
         self.stride = int(meta["stride"])
         file_precision = str(meta.get("precision", "fp32"))
         qformat = str((meta.get("quantization") or {}).get("format", ""))
-        if file_precision == "int8" and qformat != "qdq":
+        if file_precision == "int8" and qformat not in ("openvino", "qdq"):
             raise KapaoError(
-                f"{self.path}: OpenVINO runs INT8 files in QDQ format, this one is {qformat or 'unknown'}; "
-                "export with --int8 IMAGES --int8-format qdq"
+                f"{self.path}: OpenVINO runs INT8 OpenVINO IR or QDQ files, this one is {qformat or 'unknown'}; "
+                "export with --int8 IMAGES --int8-format openvino"
             )
         if file_precision not in ("fp32", "int8"):
             raise KapaoError(
