@@ -269,6 +269,22 @@ def test_benchmark_small(coco_images: list[Path], tmp_path: Path) -> None:
     assert 0.0 <= rows[3].mean_oks <= 1.0
 
 
+def test_time_backend_rounds(coco_images: list[Path]) -> None:
+    """Several timed rounds: the same poses as one round, one median per stage."""
+    from kapao.runtime.bench import time_backend
+    from kapao.runtime.torch_backend import TorchBackend
+
+    m = KapaoModel("kapao-n", coco_schema())
+    apply_weight_rule(m, 0)
+    backend = TorchBackend(m.eval(), fuse=True)
+    one, poses1 = time_backend(backend, coco_images[:2], 128, m.schema, "val", rounds=1)
+    three, poses3 = time_backend(backend, coco_images[:2], 128, m.schema, "val", rounds=3)
+    assert set(three) == set(one) == {"read", "pre", "forward", "post"} and all(v > 0 for v in three.values())
+    assert len(poses3) == len(poses1) == 2
+    for a, b in zip(poses1, poses3):
+        np.testing.assert_array_equal(a.keypoints, b.keypoints)
+
+
 def test_cli_benchmark_and_int8_export(coco_images: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import shutil
 
@@ -280,8 +296,10 @@ def test_cli_benchmark_and_int8_export(coco_images: list[Path], tmp_path: Path, 
     for f in coco_images[:3]:
         shutil.copy(f, images / f.name)
     argv = ["benchmark", "--cfg", "kapao-n", "--images", str(images), "--n", "2", "--imgsz", "128",
-            "--backends", "torch-fused", "ort-fp32", "--threads", "1", "--workdir", str(tmp_path / "w")]
+            "--backends", "torch-fused", "ort-fp32", "--threads", "1", "--workdir", str(tmp_path / "w"), "--rounds", "2"]
+    threads = torch.get_num_threads()
     assert main(argv) == 0
+    assert torch.get_num_threads() == threads  # the benchmark's thread count does not leak into the caller
     out = capsys.readouterr().out
     assert "GFLOP/s" in out and "1 threads" in out
     rows = [line.split() for line in out.splitlines() if line.startswith(("torch-fused", "ort-fp32"))]
@@ -289,6 +307,10 @@ def test_cli_benchmark_and_int8_export(coco_images: list[Path], tmp_path: Path, 
     assert 0.0 <= float(rows[1][len(rows[0]) - 1]) <= 1.0  # OKS vs ref (then the matched-pairs OKS, if any)
     assert main(["benchmark", "--cfg", "kapao-n", "--images", str(tmp_path / "nothing")]) == 1
     assert "not a folder" in capsys.readouterr().err
+    assert main(["benchmark", "--cfg", "kapao-n", "--images", str(images), "--calib", str(tmp_path / "nothing")]) == 1
+    assert "--calib" in capsys.readouterr().err
+    assert main(["benchmark", "--cfg", "kapao-n", "--images", str(images), "--rounds", "0", "--no-bound"]) == 1
+    assert "--rounds 0" in capsys.readouterr().err
     onnx_out = tmp_path / "n.onnx"
     assert main(["export", "--cfg", "kapao-n", "--imgsz", "128", "--int8", str(images), "--calib-n", "2",
                  "--out", str(onnx_out)]) == 0

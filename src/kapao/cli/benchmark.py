@@ -28,6 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default="demo", help="post-processing thresholds (val, demo, demo_video)")
     p.add_argument("--workdir", default=".kapao-bench", help="where exported/quantized ONNX files are cached")
     p.add_argument("--no-bound", action="store_true", help="skip the 3x3-conv GFLOP/s measurement")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="timed passes over the images per row; each stage reports the median pass")
 
 
 def _images(folder: Path, option: str) -> list[Path]:
@@ -53,5 +55,8 @@ def run(args: argparse.Namespace) -> int:
     if bounds:
         print(format_bounds(bounds, threads))
     print(format_header())
-    run_benchmark(model, timed, args.imgsz, args.backends, threads, args.preset, args.workdir, calib, print, bounds)
+    if args.rounds < 1:
+        raise KapaoError(f"--rounds {args.rounds}: give at least 1")
+    run_benchmark(model, timed, args.imgsz, args.backends, threads, args.preset, args.workdir, calib, print, bounds,
+                  args.rounds)
     return 0

@@ -114,30 +114,37 @@ def time_backend(
     schema: KeypointSchema,
     preset: str = "demo",
     warmup: int | None = None,
+    rounds: int = 1,
 ) -> tuple[dict[str, float], list[Poses]]:
     """Run the whole pipeline image by image; mean ms per stage and the poses of every image.
     First `warmup` images (None: all) run untimed, so every input shape is seen once: runtimes
     prepare kernels per shape (oneDNN primitives, OpenVINO compiles a graph per shape), a one-off
-    cost that a video at a fixed size pays once."""
+    cost that a video at a fixed size pays once. With `rounds` > 1 every image is timed that many
+    times and each stage reports the median of the rounds' means (shared machines drift by
+    +-10 % over seconds); the poses are the first round's."""
     for f in list(files)[:warmup]:
         x = preprocess(read_image(f), imgsz, backend)
         backend(x)
-    acc = dict.fromkeys(STAGES, 0.0)
+    per_round: list[dict[str, float]] = []
     poses: list[Poses] = []
-    for f in files:
-        t0 = time.perf_counter()
-        img = read_image(f)
-        t1 = time.perf_counter()
-        x = preprocess(img, imgsz, backend)
-        t2 = time.perf_counter()
-        pred = backend(x)
-        t3 = time.perf_counter()
-        poses += postprocess(pred, preset, tuple(x.shape[2:]), [img.shape[:2]], schema, [str(f)])
-        t4 = time.perf_counter()
-        for k, dt in zip(STAGES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-            acc[k] += dt * 1000.0
-    n = max(len(files), 1)
-    return {k: v / n for k, v in acc.items()}, poses
+    for r in range(max(rounds, 1)):
+        acc = dict.fromkeys(STAGES, 0.0)
+        for f in files:
+            t0 = time.perf_counter()
+            img = read_image(f)
+            t1 = time.perf_counter()
+            x = preprocess(img, imgsz, backend)
+            t2 = time.perf_counter()
+            pred = backend(x)
+            t3 = time.perf_counter()
+            out = postprocess(pred, preset, tuple(x.shape[2:]), [img.shape[:2]], schema, [str(f)])
+            t4 = time.perf_counter()
+            if r == 0:
+                poses += out
+            for k, dt in zip(STAGES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                acc[k] += dt * 1000.0
+        per_round.append({k: v / max(len(files), 1) for k, v in acc.items()})
+    return {k: float(np.median([m[k] for m in per_round])) for k in STAGES}, poses
 
 
 def build_backend(
@@ -312,10 +319,12 @@ def run_benchmark(
     calib_images: str | Path | Sequence[str | Path] | None = None,
     log: Callable[[str], None] | None = None,
     bounds: dict[str, float] | None = None,
+    rounds: int = 1,
 ) -> list[BenchRow]:
     """Every backend at every imgsz on `images`; the first backend is the OKS reference. With
     `log`, each row is logged as it is measured, and with `bounds` (GFLOP/s per precision, from
-    `measure_bounds`) the forward-time bound of the typical input shape after each imgsz."""
+    `measure_bounds`) the forward-time bound of the typical input shape after each imgsz.
+    rounds: timed passes over the images per row, stages reported as medians (`time_backend`)."""
     files = [Path(p) for p in images]
     if not files:
         raise KapaoError("benchmark: no images given; pass a folder of real photos")
@@ -323,7 +332,7 @@ def run_benchmark(
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     with torch_threads(threads):
-        return _run_benchmark(model, files, imgsz_list, backends, threads, preset, workdir, calib_images, log, bounds)
+        return _run_benchmark(model, files, imgsz_list, backends, threads, preset, workdir, calib_images, log, bounds, rounds)
 
 
 def _run_benchmark(
@@ -337,13 +346,14 @@ def _run_benchmark(
     calib_images: str | Path | Sequence[str | Path] | None,
     log: Callable[[str], None] | None,
     bounds: dict[str, float] | None,
+    rounds: int,
 ) -> list[BenchRow]:
     rows: list[BenchRow] = []
     for imgsz in imgsz_list:
         ref_poses: list[Poses] | None = None
         for name in backends:
             backend = build_backend(name, model, imgsz, workdir, threads, calib_images)
-            ms, poses = time_backend(backend, files, imgsz, model.schema, preset)
+            ms, poses = time_backend(backend, files, imgsz, model.schema, preset, rounds=rounds)
             row = BenchRow(name, imgsz, threads, ms, len(files), sum(len(p) for p in poses))
             if ref_poses is None:
                 ref_poses = poses
