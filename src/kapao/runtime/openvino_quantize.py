@@ -29,6 +29,8 @@ PRESETS = ("mixed", "performance")  # NNCF: asymmetric activations (SiLU outputs
 
 
 def _import_nncf() -> tuple[Any, Any]:
+    # NNCF imports torch.utils.cpp_extension, which warns about CUDA on every CPU-only machine
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     try:
         import nncf
         import openvino
