@@ -22,8 +22,8 @@ from typing import Any
 
 from kapao.errors import KapaoError
 from kapao.io.writers import write_json
-from kapao.runtime.export import METADATA_KEY, read_metadata, sidecar_path
-from kapao.runtime.quantize import calibration_batches
+from kapao.runtime.export import METADATA_KEY, sidecar_path
+from kapao.runtime.quantize import calibration_source
 
 PRESETS = ("mixed", "performance")  # NNCF: asymmetric activations (SiLU outputs dip below 0) or symmetric
 
@@ -78,11 +78,7 @@ def quantize_openvino_int8(
         raise KapaoError(f"{out_path}: an OpenVINO IR is written as NAME.xml (+ NAME.bin); name the output .xml")
     if preset not in PRESETS:
         raise KapaoError(f"NNCF preset {preset!r}: use one of {', '.join(PRESETS)}")
-    meta = read_metadata(onnx_path)
-    if meta.get("precision", "fp32") != "fp32":
-        raise KapaoError(f"{onnx_path}: INT8 quantization starts from an fp32 export, this one is {meta['precision']}")
-    hw = None if meta.get("dynamic") else (int(meta["imgsz"][0]), int(meta["imgsz"][1]))
-    batches = calibration_batches(calib_images, hw, max(meta["imgsz"]), int(meta["stride"]), num_images)
+    meta, batches = calibration_source(onnx_path, calib_images, num_images)
     try:
         model = ov.convert_model(str(onnx_path))  # Sigmoid * x -> Swish, which int8 convs fuse
     except Exception as e:  # OpenVINO raises RuntimeError subclasses with long texts

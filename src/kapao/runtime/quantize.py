@@ -59,6 +59,18 @@ def calibration_batches(
     return out
 
 
+def calibration_source(
+    onnx_path: Path, calib_images: str | Path | Sequence[str | Path], num_images: int
+) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """The metadata of an fp32 export (anything else is refused: INT8 starts from fp32) and the
+    calibration batches pre-processed for its input (`calibration_batches`)."""
+    meta = read_metadata(onnx_path)
+    if meta.get("precision", "fp32") != "fp32":
+        raise KapaoError(f"{onnx_path}: INT8 quantization starts from an fp32 export, this one is {meta['precision']}")
+    hw = None if meta.get("dynamic") else (int(meta["imgsz"][0]), int(meta["imgsz"][1]))
+    return meta, calibration_batches(calib_images, hw, max(meta["imgsz"]), int(meta["stride"]), num_images)
+
+
 def float_tail_nodes(model: Any) -> list[str]:
     """Names of the nodes that must stay float: every node between the graph output and the last
     convolutions before it (the head's 1x1 output convs, included), i.e. the head and the decode.
@@ -135,15 +147,11 @@ def quantize_int8(
     except ImportError:
         raise KapaoError("INT8 quantization needs onnx and onnxruntime: pip install 'kapao[onnx]'") from None
     onnx_path, out_path = Path(onnx_path), Path(out_path)
-    meta = read_metadata(onnx_path)
-    if meta.get("precision", "fp32") != "fp32":
-        raise KapaoError(f"{onnx_path}: INT8 quantization starts from an fp32 export, this one is {meta['precision']}")
     if quant_format not in ("qoperator", "qdq"):
         raise KapaoError(f"quantization format {quant_format!r}: use 'qoperator' or 'qdq'")
     if method not in CALIBRATION_METHODS:
         raise KapaoError(f"calibration method {method!r}: use one of {', '.join(CALIBRATION_METHODS)}")
-    hw = None if meta.get("dynamic") else (int(meta["imgsz"][0]), int(meta["imgsz"][1]))
-    batches = calibration_batches(calib_images, hw, max(meta["imgsz"]), int(meta["stride"]), num_images)
+    meta, batches = calibration_source(onnx_path, calib_images, num_images)
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".kapao-quant-") as tmpdir:
