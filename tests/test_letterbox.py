@@ -21,6 +21,7 @@ from kapao.data.letterbox import (
     scale_boxes,
     scale_keypoints,
     to_chw_rgb,
+    to_input_batch,
 )
 from kapao.errors import KapaoError
 
@@ -186,6 +187,18 @@ def test_to_chw_rgb():
     chw = to_chw_rgb(img)
     assert chw.shape == (3, 2, 3) and chw.flags.c_contiguous
     assert (chw[2] == 1).all() and (chw[0] == 0).all()
+
+
+def test_to_input_batch_bit_equal_to_official_division():
+    # every uint8 value, one image and a batch: the official torch `.float() / 255.0`, bit for bit
+    rng = np.random.default_rng(0)
+    chws = [rng.integers(0, 256, (3, 16, 24), dtype=np.uint8) for _ in range(3)]
+    chws[0].reshape(-1)[:256] = np.arange(256, dtype=np.uint8)
+    for group in (chws[:1], chws):
+        x = to_input_batch(group)
+        ref = torch.from_numpy(np.stack(group)).float() / 255.0
+        assert x.dtype == torch.float32 and x.shape == ref.shape
+        assert torch.equal(x.view(torch.int32), ref.view(torch.int32))
 
 
 def test_scale_boxes_inverse_of_letterbox():

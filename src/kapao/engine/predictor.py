@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kapao.data.letterbox import preprocess_demo
+from kapao.data.letterbox import preprocess_demo, to_input_batch
 from kapao.errors import KapaoError
 from kapao.io.sources import Frame, SourceError, SourceItem, iter_frames, read_image, resolve_source
 from kapao.postprocess import postprocess
@@ -179,7 +179,7 @@ class KAPAO:
             for start in range(0, len(idx), batch_size):
                 chunk = idx[start : start + batch_size]
                 t0 = time.perf_counter()
-                x = torch.from_numpy(np.stack([prepared[i] for i in chunk])).float() / 255.0
+                x = to_input_batch([prepared[i] for i in chunk])
                 pred = self.backend(x, scales=scales, flips=flips) if scales else self.backend(x)
                 t1 = time.perf_counter()
                 out = postprocess(

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kapao.data.letterbox import letterbox, preprocess_demo, read_image, to_chw_rgb
+from kapao.data.letterbox import letterbox, preprocess_demo, read_image, to_chw_rgb, to_input_batch
 from kapao.errors import KapaoError
 from kapao.models.kapao import KapaoModel
 from kapao.postprocess import postprocess
@@ -104,7 +104,7 @@ def preprocess(img_bgr: np.ndarray, imgsz: int, backend: Any) -> torch.Tensor:
         chw = to_chw_rgb(letterbox(img_bgr, backend.fixed_hw, auto=False, scaleup=True)[0])
     else:
         chw = preprocess_demo(img_bgr, imgsz, backend.stride)[0]
-    return torch.from_numpy(chw)[None].float() / 255.0
+    return to_input_batch([chw])
 
 
 def time_backend(
