@@ -267,6 +267,28 @@ def test_benchmark_small(coco_images: list[Path], tmp_path: Path) -> None:
     assert all(r.images == 2 and r.total_ms > 0 and set(r.ms) == {"read", "pre", "forward", "post"} for r in rows)
     assert rows[0].mean_oks is None and rows[1].mean_oks > 0.99 and rows[2].mean_oks > 0.99
     assert 0.0 <= rows[3].mean_oks <= 1.0
+    assert all(r.bound_ms is None and r.bound_ratio is None for r in rows)  # no bounds asked for
+
+
+def test_benchmark_rows_carry_their_own_bound(coco_images: list[Path], tmp_path: Path) -> None:
+    """With bounds, each row's forward bound is measured during the row, at the row's precision
+    (int8 rows against the int8 conv, fp32 rows against fp32), and no forward beats it."""
+    from kapao.runtime.bench import mean_conv_gflops
+
+    m = KapaoModel("kapao-n", coco_schema())
+    apply_weight_rule(m, 0)
+    bounds = {"fp32": 1.0, "bf16": 0.0, "int8": 1.0}  # which precisions to measure; bf16 0: skipped
+    rows = run_benchmark(m.eval(), coco_images[:2], [256], ["torch-fused", "torch-bf16", "ort-int8"], threads=1,
+                         workdir=tmp_path, calib_images=coco_images[40:42], bounds=bounds, rounds=2)
+    fp32, bf16, int8 = rows
+    gflops = mean_conv_gflops(m, coco_images[:2], 256)
+    assert 0.1 < gflops < 2.0  # kapao-n at 256
+    for r in (fp32, int8):
+        assert 0 < r.bound_ms <= r.ms["forward"]
+        assert r.bound_ratio == pytest.approx(r.total_ms / r.bound_ms)
+    # int8 convs run ~4x the fp32 GFLOP/s here: its bound is the smaller one
+    assert int8.bound_ms < fp32.bound_ms
+    assert bf16.bound_ms is None and bf16.bound_ratio is None
 
 
 def test_time_backend_rounds(coco_images: list[Path]) -> None:
@@ -303,8 +325,10 @@ def test_cli_benchmark_and_int8_export(coco_images: list[Path], tmp_path: Path, 
     out = capsys.readouterr().out
     assert "GFLOP/s" in out and "1 threads" in out
     rows = [line.split() for line in out.splitlines() if line.startswith(("torch-fused", "ort-fp32"))]
-    assert [r[0] for r in rows] == ["torch-fused", "ort-fp32"] and rows[0][-1] == "ref"
-    assert 0.0 <= float(rows[1][len(rows[0]) - 1]) <= 1.0  # OKS vs ref (then the matched-pairs OKS, if any)
+    # columns: backend imgsz thr read pre forward post total img/s poses | OKS vs ref, matched, x bound
+    assert [r[0] for r in rows] == ["torch-fused", "ort-fp32"] and rows[0][10] == "ref"
+    assert 0.0 <= float(rows[1][10]) <= 1.0
+    assert all(len(r) in (12, 13) and float(r[-1]) >= 1.0 for r in rows)  # x bound: no image beats the bound
     assert main(["benchmark", "--cfg", "kapao-n", "--images", str(tmp_path / "nothing")]) == 1
     assert "not a folder" in capsys.readouterr().err
     assert main(["benchmark", "--cfg", "kapao-n", "--images", str(images), "--calib", str(tmp_path / "nothing")]) == 1

@@ -31,6 +31,11 @@ from kapao.schema import KeypointSchema
 # torch-bf16: torch-cl with a bf16 backbone; ort-*: ONNX Runtime and ov-*: OpenVINO on a
 # dynamic-shape export (ort-int8: QOperator ONNX; ov-int8: NNCF-quantized OpenVINO IR)
 BACKENDS = ("torch-eager", "torch-fused", "torch-cl", "torch-bf16", "ort-fp32", "ort-int8", "ov-fp32", "ov-bf16", "ov-int8")
+# the arithmetic each backend's convolutions run in: the conv bound its row is compared with
+BACKEND_PRECISION = {
+    "torch-eager": "fp32", "torch-fused": "fp32", "torch-cl": "fp32", "ort-fp32": "fp32", "ov-fp32": "fp32",
+    "torch-bf16": "bf16", "ov-bf16": "bf16", "ort-int8": "int8", "ov-int8": "int8",
+}
 STAGES = ("read", "pre", "forward", "post")
 
 
@@ -46,11 +51,20 @@ class BenchRow:
     poses: int
     mean_oks: float | None = None  # vs the reference backend's poses (unmatched = 0); None for the reference
     matched_oks: float | None = None  # mean OKS of the matched pairs only
+    # the forward-time bound of these images at this row's precision, from conv-bound runs
+    # interleaved with the row's timed passes (the machine's speed drifts; a ratio needs both
+    # sides measured in the same minutes); None when not measured
+    bound_ms: float | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
     def total_ms(self) -> float:
         return sum(self.ms.values())
+
+    @property
+    def bound_ratio(self) -> float | None:
+        """End-to-end ms per image over the forward bound: what the issue's targets are stated in."""
+        return self.total_ms / self.bound_ms if self.bound_ms else None
 
     @property
     def images_per_s(self) -> float:
@@ -115,19 +129,23 @@ def time_backend(
     preset: str = "demo",
     warmup: int | None = None,
     rounds: int = 1,
+    before_round: Callable[[], Any] | None = None,
 ) -> tuple[dict[str, float], list[Poses]]:
     """Run the whole pipeline image by image; mean ms per stage and the poses of every image.
     First `warmup` images (None: all) run untimed, so every input shape is seen once: runtimes
     prepare kernels per shape (oneDNN primitives, OpenVINO compiles a graph per shape), a one-off
     cost that a video at a fixed size pays once. With `rounds` > 1 every image is timed that many
     times and each stage reports the median of the rounds' means (shared machines drift by
-    +-10 % over seconds); the poses are the first round's."""
+    +-10 % over seconds); the poses are the first round's. `before_round` runs (untimed) before
+    each timed round, e.g. to measure the conv bound in the same minutes."""
     for f in list(files)[:warmup]:
         x = preprocess(read_image(f), imgsz, backend)
         backend(x)
     per_round: list[dict[str, float]] = []
     poses: list[Poses] = []
     for r in range(max(rounds, 1)):
+        if before_round is not None:
+            before_round()
         acc = dict.fromkeys(STAGES, 0.0)
         for f in files:
             t0 = time.perf_counter()
@@ -323,7 +341,9 @@ def run_benchmark(
 ) -> list[BenchRow]:
     """Every backend at every imgsz on `images`; the first backend is the OKS reference. With
     `log`, each row is logged as it is measured, and with `bounds` (GFLOP/s per precision, from
-    `measure_bounds`) the forward-time bound of the typical input shape after each imgsz.
+    `measure_bounds`) the forward-time bound of the typical input shape after each imgsz; each row
+    then also re-measures the conv bound of its precision before every timed round (where `bounds`
+    has it) and carries the median as `bound_ms` (its `x bound` column).
     rounds: timed passes over the images per row, stages reported as medians (`time_backend`)."""
     files = [Path(p) for p in images]
     if not files:
@@ -351,10 +371,16 @@ def _run_benchmark(
     rows: list[BenchRow] = []
     for imgsz in imgsz_list:
         ref_poses: list[Poses] | None = None
+        gflops = mean_conv_gflops(model, files, imgsz) if bounds else 0.0
         for name in backends:
             backend = build_backend(name, model, imgsz, workdir, threads, calib_images)
-            ms, poses = time_backend(backend, files, imgsz, model.schema, preset, rounds=rounds)
+            precision = BACKEND_PRECISION[name]
+            samples: list[float] = []
+            measure = (lambda: samples.append(conv_bound(precision, threads))) if bounds and bounds.get(precision) else None
+            ms, poses = time_backend(backend, files, imgsz, model.schema, preset, rounds=rounds, before_round=measure)
             row = BenchRow(name, imgsz, threads, ms, len(files), sum(len(p) for p in poses))
+            if samples:
+                row.bound_ms = gflops / float(np.median(samples)) * 1000.0
             if ref_poses is None:
                 ref_poses = poses
             else:
@@ -381,6 +407,13 @@ def input_shapes(files: Sequence[Path], imgsz: int, stride: int) -> list[tuple[i
     return out
 
 
+def mean_conv_gflops(model: KapaoModel, files: Sequence[Path], imgsz: int) -> float:
+    """Conv GFLOPs of one forward averaged over the images' own input shapes at imgsz."""
+    shapes = input_shapes(files, imgsz, model.max_stride)
+    gflops = {hw: conv_gflops(model, hw) for hw in set(shapes)}
+    return float(np.mean([gflops[hw] for hw in shapes]))
+
+
 def format_forward_bounds(model: KapaoModel, files: Sequence[Path], imgsz: int, bounds: dict[str, float]) -> str:
     """The forward-time bound per precision at the most common input shape, and averaged over the
     timed images' own shapes (what the per-image mean times of the table are to be compared with)."""
@@ -400,7 +433,7 @@ def format_header() -> str:
     cols = "".join(f"{s + ' ms':>11}" for s in STAGES)
     return (
         f"{'backend':<14}{'imgsz':>6}{'thr':>4}{cols}{'total ms':>10}{'img/s':>8}{'poses':>7}"
-        f"{'OKS vs ref':>11}{'matched':>9}"
+        f"{'OKS vs ref':>11}{'matched':>9}{'x bound':>9}"
     )
 
 
@@ -408,9 +441,10 @@ def format_row(r: BenchRow) -> str:
     cols = "".join(f"{r.ms[s]:>11.1f}" for s in STAGES)
     oks = "ref" if r.mean_oks is None else f"{r.mean_oks:.4f}"
     matched = "" if r.matched_oks is None else f"{r.matched_oks:.4f}"
+    ratio = "" if r.bound_ratio is None else f"{r.bound_ratio:.2f}"
     return (
         f"{r.backend:<14}{r.imgsz:>6}{r.threads:>4}{cols}{r.total_ms:>10.1f}{r.images_per_s:>8.2f}{r.poses:>7}"
-        f"{oks:>11}{matched:>9}"
+        f"{oks:>11}{matched:>9}{ratio:>9}"
     )
 
 
