@@ -178,6 +178,7 @@ def test_int8_openvino_ir(model: KapaoModel, onnx_dynamic: Path, shared: Path, t
     meta = read_metadata(ir)
     assert meta["precision"] == "int8" and meta["quantization"]["format"] == "openvino"
     assert meta["quantization"]["calibration_images"] == 3 and meta["schema"] == coco_schema().to_dict()
+    assert meta["quantization"]["bias_correction"] == "full"
     b = OpenVinoBackend(ir, threads=2)
     assert b.precision == "int8" and b.name == "openvino-cpu-int8" and b.fixed_hw is None
     x = torch.from_numpy(np.concatenate(calibration_batches(images[:1], None, 256, 64)))
@@ -201,6 +202,8 @@ def test_int8_openvino_ir(model: KapaoModel, onnx_dynamic: Path, shared: Path, t
         quantize_openvino_int8(onnx_dynamic, tmp_path / "x.onnx", images[30:], num_images=1)
     with pytest.raises(KapaoError, match="starts from an fp32 export"):
         quantize_openvino_int8(ir, tmp_path / "again.xml", images[30:], num_images=1)
+    with pytest.raises(KapaoError, match="bias correction 'none': use one of full, fast"):
+        quantize_openvino_int8(onnx_dynamic, tmp_path / "y.xml", images[30:], num_images=1, bias_correction="none")
 
 
 def test_int8_openvino_ir_from_cli_and_predict(shared: Path, tmp_path: Path) -> None:

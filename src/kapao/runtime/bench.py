@@ -209,7 +209,7 @@ def build_backend(
         if name == "ov-int8":
             from kapao.runtime.openvino_quantize import quantize_openvino_int8
 
-            ir = fp32.with_name(f"{fp32.stem}-int8-{tag}.xml")
+            ir = fp32.with_name(f"{fp32.stem}-int8-{tag}-bc.xml")  # -bc: full bias correction
             if not ir.is_file():
                 quantize_openvino_int8(fp32, ir, calib_images)
             return OpenVinoBackend(ir, threads=threads)

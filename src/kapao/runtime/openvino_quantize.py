@@ -26,6 +26,7 @@ from kapao.runtime.export import METADATA_KEY, sidecar_path
 from kapao.runtime.quantize import calibration_source
 
 PRESETS = ("mixed", "performance")  # NNCF: asymmetric activations (SiLU outputs dip below 0) or symmetric
+BIAS_CORRECTIONS = ("full", "fast")  # NNCF BiasCorrection or FastBiasCorrection
 
 
 def _import_nncf() -> tuple[Any, Any]:
@@ -63,19 +64,26 @@ def quantize_openvino_int8(
     calib_images: str | Path | Sequence[str | Path],
     num_images: int = 32,
     preset: str = "mixed",
+    bias_correction: str = "full",
 ) -> Path:
     """An fp32 kapao ONNX export -> INT8 OpenVINO IR `out_path` (.xml, its .bin beside it, and the
     sidecar `out_path.json`); returns `out_path`.
 
     Activation ranges are calibrated on `num_images` real images pre-processed as the predictor
     feeds them (fixed graph: letterboxed to its size; dynamic: demo letterbox at its imgsz), with
-    NNCF's fast bias correction. Weights int8 per channel; the kapao metadata travels in the IR's
+    NNCF's bias correction: "full" (default; per layer, on the quantized model's own inputs, so
+    the errors of earlier layers are corrected too) or "fast" (on float inputs, a few seconds
+    quicker). Measured with kapao_n_synth on 400 held-out scenes, four calibration subsets: mean
+    OKS vs fp32 0.961-0.968 full, 0.945-0.956 fast; the int8 graph and its speed are the same.
+    Weights int8 per channel; the kapao metadata travels in the IR's
     rt_info and the sidecar, with precision "int8". Written to temporary files first.
     """
     ov, nncf = _import_nncf()
     onnx_path, out_path = Path(onnx_path), Path(out_path)
     if out_path.suffix != ".xml":
         raise KapaoError(f"{out_path}: an OpenVINO IR is written as NAME.xml (+ NAME.bin); name the output .xml")
+    if bias_correction not in BIAS_CORRECTIONS:
+        raise KapaoError(f"NNCF bias correction {bias_correction!r}: use one of {', '.join(BIAS_CORRECTIONS)}")
     if preset not in PRESETS:
         raise KapaoError(f"NNCF preset {preset!r}: use one of {', '.join(PRESETS)}")
     meta, batches = calibration_source(onnx_path, calib_images, num_images)
@@ -91,10 +99,10 @@ def quantize_openvino_int8(
         preset=nncf.QuantizationPreset.MIXED if preset == "mixed" else nncf.QuantizationPreset.PERFORMANCE,
         subset_size=len(batches),
         ignored_scope=nncf.IgnoredScope(names=tail, validate=False),
-        fast_bias_correction=True,
+        fast_bias_correction=bias_correction == "fast",
     )
     meta = {**meta, "format": "openvino", "precision": "int8", "quantization": {
-        "format": "openvino", "tool": f"nncf {nncf.__version__}", "preset": preset, "activations": "uint8/int8 per tensor",
+        "format": "openvino", "tool": f"nncf {nncf.__version__}", "preset": preset, "bias_correction": bias_correction, "activations": "uint8/int8 per tensor",
         "weights": "int8 per-channel", "calibration_images": len(batches), "float_nodes": len(tail),
     }}
     quantized.set_rt_info(json.dumps(meta), [METADATA_KEY])
