@@ -145,6 +145,19 @@ def test_combined_nms_shares_max_det(preds):
     assert len(person[0]) == 5 and len(kp[0]) == 5
 
 
+def test_nms_rows_equal_nms_on_those_rows(preds):
+    # nms_kp over a subset of row indices (what run_nms passes after its one objectness filter)
+    # gives what nms_kp gives on the copied subset, for both golden predictions
+    for pred in (preds["forward"][0], preds["crafted"][0]):
+        g = torch.Generator().manual_seed(0)
+        rows = torch.nonzero(torch.rand(len(pred), generator=g) < 0.6).view(-1)  # ascending, ~60 %
+        for thr, classes in ((0.1, None), (0.3, [0]), (0.2, range(1, 18))):
+            a = nms_kp(pred, thr, 0.45, 17, classes=classes, rows=rows)
+            b = nms_kp(pred[rows], thr, 0.45, 17, classes=classes)
+            assert len(a) > 0
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_nms_class_argmax_first_index_on_ties():
     k = 2
     row = torch.tensor([[50.0, 50.0, 20.0, 20.0, 0.9, 0.5, 0.8, 0.8, 1.0, 2.0, 3.0, 4.0]])

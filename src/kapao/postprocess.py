@@ -63,18 +63,24 @@ def nms_kp(
     classes: Sequence[int] | None = None,
     max_det: int = 300,
     max_nms: int = 30000,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """NMS for one image, as the official `non_max_suppression_kp`.
 
     pred (N, 5 + nc + 2K) -> (n, 6 + 2K) `[x1, y1, x2, y2, conf, cls, kps]`, descending conf.
     Keeps rows with obj > conf_thres, then conf = obj * cls (best class, first index on ties) >
     conf_thres, optionally only `classes`; the `max_nms` most confident enter class-aware NMS
-    (boxes offset by cls * 4096); at most `max_det` are kept.
+    (boxes offset by cls * 4096); at most `max_det` are kept. rows: ascending indices of the
+    rows to consider (e.g. from a looser objectness filter; None: all), so that callers filtering
+    once for several calls copy no rows.
     """
     nc = 1 + num_keypoints
     # the same row-wise arithmetic as the official code, but gathering only the columns each step
     # needs and full rows only for the kept boxes (junk-heavy outputs have thousands of candidates)
-    rows = torch.nonzero(pred[:, 4] > conf_thres).view(-1)
+    if rows is None:
+        rows = torch.nonzero(pred[:, 4] > conf_thres).view(-1)
+    else:
+        rows = rows[pred[rows, 4] > conf_thres]
     cand = pred[rows, 4 : 5 + nc]
     conf, j = (cand[:, 1:] * cand[:, :1]).max(1)
     keep = conf > conf_thres
@@ -149,15 +155,15 @@ def run_nms(
     for x in pred:  # per image, as NMS is
         # one pass over the (large) raw rows: every later filter is stricter than obj > floor,
         # and the kept rows stay in their order, so NMS breaks ties as over all rows
-        x = x[x[:, 4] > floor]
+        rows = torch.nonzero(x[:, 4] > floor).view(-1)
         if preset.combined_nms:
-            d = nms_kp(x, preset.conf_thres, preset.iou_thres, **kw)
+            d = nms_kp(x, preset.conf_thres, preset.iou_thres, rows=rows, **kw)
             person_dets.append(d[d[:, 5] == 0])
             d = d[d[:, 4] >= preset.conf_thres_kp]
             kp_dets.append(d[d[:, 5] > 0])
         else:
-            person_dets.append(nms_kp(x, preset.conf_thres, preset.iou_thres, classes=[0], **kw))
-            kp_dets.append(nms_kp(x, preset.conf_thres_kp, preset.iou_thres_kp, classes=range(1, 1 + k), **kw))
+            person_dets.append(nms_kp(x, preset.conf_thres, preset.iou_thres, classes=[0], rows=rows, **kw))
+            kp_dets.append(nms_kp(x, preset.conf_thres_kp, preset.iou_thres_kp, classes=range(1, 1 + k), rows=rows, **kw))
     return person_dets, kp_dets
 
 
