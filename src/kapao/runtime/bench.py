@@ -371,7 +371,7 @@ def _run_benchmark(
     rows: list[BenchRow] = []
     for imgsz in imgsz_list:
         ref_poses: list[Poses] | None = None
-        gflops = mean_conv_gflops(model, files, imgsz) if bounds else 0.0
+        work = ImageWork.measure(model, files, imgsz) if bounds else None
         for name in backends:
             backend = build_backend(name, model, imgsz, workdir, threads, calib_images)
             precision = BACKEND_PRECISION[name]
@@ -379,8 +379,8 @@ def _run_benchmark(
             measure = (lambda: samples.append(conv_bound(precision, threads))) if bounds and bounds.get(precision) else None
             ms, poses = time_backend(backend, files, imgsz, model.schema, preset, rounds=rounds, before_round=measure)
             row = BenchRow(name, imgsz, threads, ms, len(files), sum(len(p) for p in poses))
-            if samples:
-                row.bound_ms = gflops / float(np.median(samples)) * 1000.0
+            if samples and work is not None:
+                row.bound_ms = work.mean_gflops / float(np.median(samples)) * 1000.0
             if ref_poses is None:
                 ref_poses = poses
             else:
@@ -391,8 +391,8 @@ def _run_benchmark(
             rows.append(row)
             if log:
                 log(format_row(row))
-        if log and bounds:
-            log(format_forward_bounds(model, files, imgsz, bounds))
+        if log and work is not None and bounds:
+            log(format_forward_bounds(work, bounds))
     return rows
 
 
@@ -407,22 +407,40 @@ def input_shapes(files: Sequence[Path], imgsz: int, stride: int) -> list[tuple[i
     return out
 
 
+@dataclass(frozen=True)
+class ImageWork:
+    """The conv work of the timed images at one imgsz: each image's input shape and the GFLOPs
+    of one forward per distinct shape (counted once, used by every row and the bound line)."""
+
+    shapes: list[tuple[int, int]]
+    gflops: dict[tuple[int, int], float]
+
+    @classmethod
+    def measure(cls, model: KapaoModel, files: Sequence[Path], imgsz: int) -> ImageWork:
+        shapes = input_shapes(files, imgsz, model.max_stride)
+        return cls(shapes, {hw: conv_gflops(model, hw) for hw in set(shapes)})
+
+    @property
+    def mean_gflops(self) -> float:
+        """Averaged over the images (what per-image mean times are compared with)."""
+        return float(np.mean([self.gflops[hw] for hw in self.shapes]))
+
+    @property
+    def typical_shape(self) -> tuple[int, int]:
+        return max(self.gflops, key=self.shapes.count)
+
+
 def mean_conv_gflops(model: KapaoModel, files: Sequence[Path], imgsz: int) -> float:
     """Conv GFLOPs of one forward averaged over the images' own input shapes at imgsz."""
-    shapes = input_shapes(files, imgsz, model.max_stride)
-    gflops = {hw: conv_gflops(model, hw) for hw in set(shapes)}
-    return float(np.mean([gflops[hw] for hw in shapes]))
+    return ImageWork.measure(model, files, imgsz).mean_gflops
 
 
-def format_forward_bounds(model: KapaoModel, files: Sequence[Path], imgsz: int, bounds: dict[str, float]) -> str:
+def format_forward_bounds(work: ImageWork, bounds: dict[str, float]) -> str:
     """The forward-time bound per precision at the most common input shape, and averaged over the
     timed images' own shapes (what the per-image mean times of the table are to be compared with)."""
-    shapes = input_shapes(files, imgsz, model.max_stride)
-    gflops = {hw: conv_gflops(model, hw) for hw in set(shapes)}
-    typical = max(gflops, key=shapes.count)
-    mean = float(np.mean([gflops[hw] for hw in shapes]))
+    typical, mean = work.typical_shape, work.mean_gflops
     parts = []
-    for label, g in ((f"at {typical[0]}x{typical[1]} ({gflops[typical]:.1f} GFLOPs)", gflops[typical]),
+    for label, g in ((f"at {typical[0]}x{typical[1]} ({work.gflops[typical]:.1f} GFLOPs)", work.gflops[typical]),
                      (f"mean over these images ({mean:.1f} GFLOPs)", mean)):
         ms = ", ".join(f"{p} {g / v * 1000:.0f} ms" for p, v in bounds.items() if v > 0)
         parts.append(f"{label}: {ms}")
