@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from kapao.data.letterbox import letterbox, preprocess_demo, read_image, to_chw_rgb
+from kapao.data.letterbox import letterbox, preprocess_demo, read_image, to_chw_rgb, to_input_batch
 from kapao.errors import KapaoError
 from kapao.io.writers import write_json
 from kapao.runtime.export import read_metadata, set_onnx_metadata, sidecar_path
@@ -55,7 +55,7 @@ def calibration_batches(
             chw = to_chw_rgb(letterbox(img, hw, auto=False, scaleup=True)[0])
         else:
             chw = preprocess_demo(img, imgsz, stride)[0]
-        out.append(chw[None].astype(np.float32) / 255.0)
+        out.append(to_input_batch([chw]).numpy())  # exactly what the predictor feeds
     return out
 
 
