@@ -37,6 +37,7 @@ BACKEND_PRECISION = {
     "torch-bf16": "bf16", "ov-bf16": "bf16", "ort-int8": "int8", "ov-int8": "int8",
 }
 STAGES = ("read", "pre", "forward", "post")
+BUSY_WAIT_S = 0.05  # idle time after an untimed torch step before timing resumes
 
 
 @dataclass
@@ -146,6 +147,9 @@ def time_backend(
     for r in range(max(rounds, 1)):
         if before_round is not None:
             before_round()
+            # a torch op leaves its OpenMP workers busy-waiting for ~5-10 ms (libgomp's spin),
+            # which slowed the next ONNX Runtime forward by ~10 ms here: let them go idle first
+            time.sleep(BUSY_WAIT_S)
         acc = dict.fromkeys(STAGES, 0.0)
         for f in files:
             t0 = time.perf_counter()
