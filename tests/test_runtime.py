@@ -273,7 +273,7 @@ def test_benchmark_small(coco_images: list[Path], tmp_path: Path) -> None:
 def test_benchmark_rows_carry_their_own_bound(coco_images: list[Path], tmp_path: Path) -> None:
     """With bounds, each row's forward bound is measured during the row, at the row's precision
     (int8 rows against the int8 conv, fp32 rows against fp32), and no forward beats it."""
-    from kapao.runtime.bench import mean_conv_gflops
+    from kapao.runtime.bench import ImageWork
 
     m = KapaoModel("kapao-n", coco_schema())
     apply_weight_rule(m, 0)
@@ -281,7 +281,7 @@ def test_benchmark_rows_carry_their_own_bound(coco_images: list[Path], tmp_path:
     rows = run_benchmark(m.eval(), coco_images[:2], [256], ["torch-fused", "torch-bf16", "ort-int8"], threads=1,
                          workdir=tmp_path, calib_images=coco_images[40:42], bounds=bounds, rounds=2)
     fp32, bf16, int8 = rows
-    gflops = mean_conv_gflops(m, coco_images[:2], 256)
+    gflops = ImageWork.measure(m, coco_images[:2], 256).mean_gflops
     assert 0.1 < gflops < 2.0  # kapao-n at 256
     for r in (fp32, int8):
         assert 0 < r.bound_ms <= r.ms["forward"]

@@ -434,11 +434,6 @@ class ImageWork:
         return max(self.gflops, key=self.shapes.count)
 
 
-def mean_conv_gflops(model: KapaoModel, files: Sequence[Path], imgsz: int) -> float:
-    """Conv GFLOPs of one forward averaged over the images' own input shapes at imgsz."""
-    return ImageWork.measure(model, files, imgsz).mean_gflops
-
-
 def format_forward_bounds(work: ImageWork, bounds: dict[str, float]) -> str:
     """The forward-time bound per precision at the most common input shape, and averaged over the
     timed images' own shapes (what the per-image mean times of the table are to be compared with)."""
