@@ -6,9 +6,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kapao-installed
 # CPU-capable torch builds that pip takes from this machine's local index
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
-EXTRAS := dev,crowdpose,onnx,openvino,train
+EXTRAS := torch,dev,crowdpose,onnx,openvino,train
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast install clean shipped-onnx
 
 install: $(STAMP)
 
@@ -30,6 +30,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 	KAPAO_OPENVINO_TESTS=1 $(PY) -m pytest -q tests/test_openvino.py
+
+# re-create the shipped ONNX from the shipped safetensors (after retraining it); tests check they agree
+shipped-onnx: $(STAMP)
+	$(PY) -c "from kapao.weights.shipped import export_shipped_onnx as e; print(e('src/kapao/assets/kapao_n_synth.onnx'))"
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info runs

@@ -44,16 +44,16 @@ def loop_fuse(poses, scores, kp_objects, conf_thres_kp_person, overwrite_tol):
     return out
 
 
-def golden_case(pred: torch.Tensor, preset_name: str):
+def golden_case(pred: np.ndarray, preset_name: str):
     """Fusion inputs of one golden prediction (448x640 input, 426x640 original)."""
     preset = get_preset(preset_name)
     pd, kd = run_nms(pred, preset)
     dets = rescale_dets(pd[0], (448, 640), (426, 640))
-    kps = dets[:, 6:].numpy().reshape(-1, 17, 2)
+    kps = dets[:, 6:].reshape(-1, 17, 2)
     poses = np.concatenate((kps, np.zeros((len(kps), 17, 1))), 2)
     boxes = rescale_dets(kd[0], (448, 640), (426, 640))[:, :4]
-    objs = torch.cat((boxes, kd[0][:, 4:5], kd[0][:, 5:6] - 1), 1).numpy()
-    return [poses], [dets[:, 4].numpy()], [objs], preset
+    objs = np.concatenate((boxes, kd[0][:, 4:5], kd[0][:, 5:6] - 1), 1)
+    return [poses], [dets[:, 4]], [objs], preset
 
 
 def synthetic_case(rng, n_person: int, n_obj: int, one_type: bool):
@@ -91,10 +91,10 @@ def main() -> None:
     cases = []
     golden = Path(os.environ.get("KAPAO_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "golden"
     if (golden / "postprocess.npz").is_file():
-        crafted = torch.from_numpy(np.load(golden / "postprocess.npz")["crafted_pred"])
+        crafted = np.load(golden / "postprocess.npz")["crafted_pred"]
         for name in ("val", "demo", "demo_video"):
             cases.append((f"golden crafted, {name}", golden_case(crafted, name)))
-        forward = torch.from_numpy(np.load(golden / "forward_s640.npz")["output"])
+        forward = np.load(golden / "forward_s640.npz")["output"]
         cases.append(("golden forward, val", golden_case(forward, "val")))
     else:
         print(f"({golden} not found: golden cases skipped)")

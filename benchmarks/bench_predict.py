@@ -4,8 +4,9 @@
                                        [--weights W] [--preset demo|val] [--device cpu]
 
 Each image goes through the predict path one at a time (batch 1, as the demos): `read_image`
-(JPEG decode), `preprocess_demo` (letterbox, auto padding), the torch backend (KAPAO-S, BN fused),
-`run_nms`, `postprocess_dets` (rescale + keypoint-object fusion into Poses) and `Poses.plot`.
+(JPEG decode), `prepare_input` (letterbox, auto padding) + `to_input_batch`, the torch backend
+(KAPAO-S, BN fused), `run_nms`, `postprocess_dets` (rescale + keypoint-object fusion into Poses)
+and `Poses.plot`.
 Default weights: the official-format e2e checkpoint (shared/golden/e2e/kapao_s_coco_seed0.pt,
 random-rule weights, so the detection counts are high: NMS/fusion work is near its worst case);
 default images: all of shared/data/coco_mini/images. One untimed warm-up image per size.
@@ -24,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from kapao.data.letterbox import preprocess_demo, read_image
-from kapao.engine.predictor import make_backend
+from kapao.data.letterbox import prepare_input, read_image, to_input_batch
 from kapao.postprocess import postprocess_dets, run_nms
 from kapao.presets import get_preset
+from kapao.runtime.factory import create_backend
 
 SHARED = Path(os.environ.get("KAPAO_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 STAGES = ("read", "pre", "forward", "nms", "fusion", "draw")
@@ -38,8 +39,8 @@ def time_one(path: Path, backend, imgsz: int, preset) -> tuple[dict[str, float],
     t = [time.perf_counter()]
     img = read_image(path)
     t.append(time.perf_counter())
-    chw, _, _ = preprocess_demo(img, imgsz, backend.stride)
-    x = torch.from_numpy(chw).float()[None] / 255.0
+    chw, _, _ = prepare_input(img, imgsz, backend.stride, backend.fixed_hw)
+    x = to_input_batch([chw])
     t.append(time.perf_counter())
     pred = backend(x)
     t.append(time.perf_counter())
@@ -72,7 +73,7 @@ def main() -> None:
     if len(paths) < 2:
         raise SystemExit(f"{args.images}: need at least 2 images (1 warm-up + 1 timed)")
     preset = get_preset(args.preset)
-    backend = make_backend(args.weights, args.device, False, "torch", None)
+    backend = create_backend(args.weights, backend="torch", device=args.device)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"torch threads {torch.get_num_threads()}, device {args.device}")
     print(f"weights {args.weights}")
@@ -94,7 +95,7 @@ def main() -> None:
         p50 = statistics.median(r["forward"] for r in rows)
         print(f"{imgsz:>6} " + " ".join(f"{mean[s]:>8.1f}" for s in STAGES)
               + f" {total:>8.1f} {1000.0 / total:>7.2f} {p50:>8.1f} {poses / len(rows):>6.1f}")
-    print("\nstages: read = JPEG decode; pre = letterbox + to tensor; forward = network + decode;"
+    print("\nstages: read = JPEG decode; pre = letterbox + to float array; forward = network + decode;"
           " nms = run_nms; fusion = rescale + keypoint-object fusion (postprocess_dets); draw = Poses.plot")
 
 

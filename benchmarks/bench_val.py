@@ -23,12 +23,14 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from kapao.data.dataset import KeypointDataset
 from kapao.engine.evaluator import run_validation
-from kapao.engine.predictor import make_backend
 from kapao.models.kapao import KapaoModel
+from kapao.runtime.base import Backend
+from kapao.runtime.factory import create_backend
 from kapao.runtime.torch_backend import TorchBackend
 from kapao.schema import KeypointSchema, coco_schema, crowdpose_schema
 
@@ -45,9 +47,9 @@ def seeded_weights(model: KapaoModel, seed: int = 0) -> KapaoModel:
     return model
 
 
-def backend_for(set_name: str, device: str) -> TorchBackend:
+def backend_for(set_name: str, device: str) -> Backend:
     if set_name == "coco":
-        return make_backend(SHARED / "golden" / "e2e" / "kapao_s_coco_seed0.pt", device, False, "torch", None)
+        return create_backend(SHARED / "golden" / "e2e" / "kapao_s_coco_seed0.pt", backend="torch", device=device)
     return TorchBackend(seeded_weights(KapaoModel("kapao-s", crowdpose_schema())), device=device)
 
 
@@ -81,15 +83,11 @@ def main() -> None:
     for set_name in args.sets:
         backend = backend_for(set_name, args.device)
         schema = coco_schema() if set_name == "coco" else crowdpose_schema()
-
-        def run(x, s=None, f=None, backend=backend):
-            return backend(x, scales=s, flips=f) if s else backend(x)
-
         for imgsz in sizes:
             dataset = dataset_for(set_name, schema, imgsz, args.batch_size, args.rect)
-            run(torch.zeros(min(args.batch_size, len(dataset)), 3, imgsz, imgsz))  # warm-up: allocator, kernels
+            backend(np.zeros((min(args.batch_size, len(dataset)), 3, imgsz, imgsz), np.float32))  # warm-up: allocator, kernels
             t0 = time.perf_counter()
-            result = run_validation(run, dataset, "val", batch_size=args.batch_size, progress=False)
+            result = run_validation(backend, dataset, "val", batch_size=args.batch_size, progress=False)
             wall = time.perf_counter() - t0
             per = result.times.per_image()
             metrics = result.metrics

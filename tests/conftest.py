@@ -40,6 +40,12 @@ def golden(shared: Path) -> Path:
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _kapao_home(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The export and weights caches of the whole run in a fresh folder (never the user's)."""
+    os.environ["KAPAO_HOME"] = str(tmp_path_factory.mktemp("kapao_home"))
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _threads() -> None:
     # The goldens were made with 2 torch threads; the same count keeps summation orders alike
     # (KAPAO_TEST_THREADS overrides it, e.g. to leave a core free for other work).

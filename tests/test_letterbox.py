@@ -8,12 +8,12 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from kapao.data.letterbox import (
     check_img_size,
     letterbox,
     load_image_for_val,
+    prepare_input,
     preprocess_demo,
     preprocess_val,
     read_image,
@@ -196,29 +196,47 @@ def test_to_input_batch_bit_equal_to_official_division():
     chws[0].reshape(-1)[:256] = np.arange(256, dtype=np.uint8)
     for group in (chws[:1], chws):
         x = to_input_batch(group)
+        assert isinstance(x, np.ndarray) and x.dtype == np.float32 and x.shape == (len(group), 3, 16, 24)
+        assert np.array_equal(x.view(np.int32), np.divide(np.stack(group), np.float32(255)).view(np.int32))
+        torch = pytest.importorskip("torch")
         ref = torch.from_numpy(np.stack(group)).float() / 255.0
-        assert x.dtype == torch.float32 and x.shape == ref.shape
-        assert torch.equal(x.view(torch.int32), ref.view(torch.int32))
+        assert np.array_equal(x.view(np.int32), ref.numpy().view(np.int32))
+    with pytest.raises(KapaoError, match="no images"):
+        to_input_batch([])
+
+
+def test_prepare_input_policies(image_a):
+    """Dynamic shape: the demo letterbox; fixed (h, w): exactly that shape, scaled up or down."""
+    for imgsz in (320, 640, 1000):
+        got, want = prepare_input(image_a, imgsz, 64), preprocess_demo(image_a, imgsz, 64)
+        assert np.array_equal(got[0], want[0]) and got[1:] == want[1:]
+    for fixed in ((640, 640), (448, 640), (1024, 1024), (256, 320)):
+        chw, ratio, pad = prepare_input(image_a, 9999, 64, fixed_hw=fixed)
+        lb, r, p = letterbox(image_a, fixed, auto=False, scaleup=True, stride=64)
+        assert chw.shape == (3, *fixed) and chw.dtype == np.uint8 and chw.flags.c_contiguous
+        assert np.array_equal(chw, to_chw_rgb(lb)) and (ratio, pad) == (r, p)
+    with pytest.raises(KapaoError, match="prepare_input"):
+        prepare_input(np.zeros((0, 4, 3), np.uint8), 640, 64, fixed_hw=(64, 64))
 
 
 def test_scale_boxes_inverse_of_letterbox():
     # 426x640 letterboxed to 1280 with auto: gain 2, pad (0, 22)
     orig_hw, input_hw = (426, 640), (896, 1280)
-    boxes = torch.tensor([[100.0, 22.0, 300.0, 874.0], [-10.0, 0.0, 1300.0, 900.0]])
+    boxes = np.array([[100.0, 22.0, 300.0, 874.0], [-10.0, 0.0, 1300.0, 900.0]], np.float32)
     out = scale_boxes(boxes, input_hw, orig_hw)
-    assert out.tolist() == [[50.0, 0.0, 150.0, 426.0], [0.0, 0.0, 640.0, 426.0]]
+    assert out.dtype == np.float32 and out.tolist() == [[50.0, 0.0, 150.0, 426.0], [0.0, 0.0, 640.0, 426.0]]
     assert boxes[1, 0] == -10.0  # input untouched
-    unclipped = scale_boxes(boxes.numpy(), input_hw, orig_hw, clip=False)
+    unclipped = scale_boxes(boxes.tolist(), input_hw, orig_hw, clip=False)  # any array-like
     assert isinstance(unclipped, np.ndarray) and unclipped[1].tolist() == [-5.0, -11.0, 650.0, 439.0]
 
 
 def test_scale_keypoints_clipping_quirk():
     orig_hw, input_hw = (426, 640), (448, 640)
-    kps = torch.tensor([[-5.0, 0.0, 700.0, 500.0, -5.0, 0.0, 700.0, 500.0]])  # 4 keypoints
+    kps = np.array([[-5.0, 0.0, 700.0, 500.0, -5.0, 0.0, 700.0, 500.0]], np.float32)  # 4 keypoints
     official = scale_keypoints(kps, input_hw, orig_hw)
     # only keypoints 0 and 1 are clipped (x to [0, 640], y to [0, 426])
     assert official.tolist() == [[0.0, 0.0, 640.0, 426.0, -5.0, -11.0, 700.0, 489.0]]
-    everything = scale_keypoints(kps.view(1, 4, 2), input_hw, orig_hw, clip_all=True)
+    everything = scale_keypoints(kps.reshape(1, 4, 2), input_hw, orig_hw, clip_all=True)
     assert everything.shape == (1, 4, 2)
     assert everything.reshape(1, -1).tolist() == [[0.0, 0.0, 640.0, 426.0, 0.0, 0.0, 640.0, 426.0]]
 
@@ -236,7 +254,7 @@ def test_scale_matches_official_rescaling_at_non_unit_gain(shared):
         poses = z[f"{key}__poses"]
         unfused = poses[..., 2] == 0
         assert np.array_equal(kps[unfused], poses[..., :2][unfused].astype(np.float32)), key
-        boxes = torch.from_numpy(scale_boxes(pd[:, :4], input_hw, orig_hw)).round().numpy()
+        boxes = scale_boxes(pd[:, :4], input_hw, orig_hw).round()
         assert np.array_equal(boxes, z[f"{key}__bboxes"]), key
         checked += int(unfused.sum())
     assert checked > 10000
@@ -248,9 +266,9 @@ def test_bad_inputs():
     with pytest.raises(KapaoError, match="not found"):
         read_image("/nonexistent/x.jpg")
     with pytest.raises(KapaoError, match="scale_boxes"):
-        scale_boxes(torch.zeros(3, 5), (64, 64), (64, 64))
+        scale_boxes(np.zeros((3, 5)), (64, 64), (64, 64))
     with pytest.raises(KapaoError, match="scale_keypoints"):
-        scale_keypoints(torch.zeros(3, 5), (64, 64), (64, 64))
+        scale_keypoints(np.zeros((3, 5)), (64, 64), (64, 64))
 
 
 def test_unreadable_image_file(tmp_path):
@@ -261,3 +279,35 @@ def test_unreadable_image_file(tmp_path):
     (tmp_path / "empty.png").write_bytes(b"")
     with pytest.raises(KapaoError, match="empty.png"):
         preprocess_val(tmp_path / "empty.png", 640)
+
+
+def _torch_scale(t, input_hw, orig_hw, n_clip):
+    """The previous torch implementation (the official `scale_coords` arithmetic), as the reference."""
+    h1, w1 = input_hw
+    h0, w0 = orig_hw
+    gain = min(h1 / h0, w1 / w0)
+    out = t.clone()
+    out[:, 0::2] -= (w1 - w0 * gain) / 2
+    out[:, 1::2] -= (h1 - h0 * gain) / 2
+    out /= gain
+    out[:, 0:n_clip:2] = out[:, 0:n_clip:2].clamp(0, w0)
+    out[:, 1:n_clip:2] = out[:, 1:n_clip:2].clamp(0, h0)
+    return out.numpy()
+
+
+def test_scale_equals_torch_arithmetic_bit_for_bit():
+    """NumPy rescaling = the torch float32 ops it replaces (scalars rounded to float32), at random
+    shapes, gains and coordinates, clipped and not."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        orig_hw = tuple(int(v) for v in rng.integers(17, 3000, 2))
+        input_hw = tuple(int(v) for v in rng.integers(64, 2000, 2))
+        xy = (rng.normal(size=(20, 34)) * rng.choice([10, 500, 3000])).astype(np.float32)
+        for clip in (True, False):
+            ref = _torch_scale(torch.from_numpy(xy[:, :4]), input_hw, orig_hw, 4 if clip else 0)
+            got = scale_boxes(xy[:, :4], input_hw, orig_hw, clip=clip)
+            assert np.array_equal(got.view(np.int32), ref.view(np.int32))
+            ref = _torch_scale(torch.from_numpy(xy), input_hw, orig_hw, 34 if clip else 4)
+            got = scale_keypoints(xy.reshape(20, 17, 2), input_hw, orig_hw, clip_all=clip)
+            assert got.shape == (20, 17, 2) and np.array_equal(got.reshape(20, 34).view(np.int32), ref.view(np.int32))

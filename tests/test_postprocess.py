@@ -1,5 +1,6 @@
 """NMS, rescaling and keypoint-object fusion against the official goldens (postprocess.npz,
-e2e/predict.npz), and the vectorized fusion against a plain sequential reference."""
+e2e/predict.npz), the NumPy NMS against torchvision.ops.nms, and the vectorized fusion against a
+plain sequential reference. Only the torchvision comparisons need torch."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
+import kapao.nms
 import kapao.postprocess
 from kapao.errors import KapaoError
 from kapao.postprocess import (
     fuse_keypoints,
+    nms,
     nms_kp,
     num_keypoints_from_columns,
     postprocess,
@@ -63,7 +65,7 @@ def pp_meta(golden):
 @pytest.fixture(scope="module")
 def preds(golden, pp):
     forward = np.load(golden / "forward_s640.npz")["output"]
-    return {"forward": torch.from_numpy(forward), "crafted": torch.from_numpy(pp["crafted_pred"])}
+    return {"forward": forward, "crafted": pp["crafted_pred"]}
 
 
 @pytest.mark.parametrize("which", ["forward", "crafted"])
@@ -79,13 +81,14 @@ def test_every_golden_field(pp, pp_meta, preds, which, setting):
     assert int((pred[0, :, 4] > preset.conf_thres).sum()) == run["n_obj_gt_conf_thres"]
 
     person_dets, kp_dets = run_nms(pred, preset)
-    assert np.array_equal(person_dets[0].numpy(), pp[key + "person_dets"])
-    assert np.array_equal(kp_dets[0].numpy(), pp[key + "kp_dets"])
+    assert person_dets[0].dtype == np.float32 and kp_dets[0].dtype == np.float32
+    assert np.array_equal(person_dets[0], pp[key + "person_dets"])
+    assert np.array_equal(kp_dets[0], pp[key + "kp_dets"])
     assert len(person_dets[0]) == run["n_person_dets"] and len(kp_dets[0]) == run["n_kp_dets"]
     # the official post-processing leaves this in person_dets (in place); ours returns it
     after = rescale_dets(person_dets[0], INPUT_HW, ORIG_HW)
-    assert np.array_equal(after.numpy(), pp[key + "person_dets_after_postprocess_inplace"])
-    assert np.array_equal(person_dets[0].numpy(), pp[key + "person_dets"])  # ours does not mutate
+    assert np.array_equal(after, pp[key + "person_dets_after_postprocess_inplace"])
+    assert np.array_equal(person_dets[0], pp[key + "person_dets"])  # ours does not mutate
 
     (poses,) = postprocess(pred, preset, INPUT_HW, [ORIG_HW], coco_schema())
     assert len(poses) == run["n_poses"]
@@ -97,7 +100,7 @@ def test_every_golden_field(pp, pp_meta, preds, which, setting):
 
     # n_fused through the public fusion function, and against the sequential reference
     scores = pp[key + "scores"]
-    kps = after[:, 6:].numpy().reshape(-1, 17, 2)
+    kps = after[:, 6:].reshape(-1, 17, 2)
     start = np.concatenate((kps, np.zeros((len(kps), 17, 1))), 2)
     fused, n_fused = fuse_keypoints([start], [scores], [poses.kp_objects], preset.conf_thres_kp_person,
                                     preset.overwrite_tol)
@@ -108,9 +111,9 @@ def test_every_golden_field(pp, pp_meta, preds, which, setting):
     assert np.array_equal(ref, fused[0]) and np.array_equal(ref_n, n_fused[0])
 
 
-def _edge_boxes(dets: torch.Tensor) -> list[float]:
+def _edge_boxes(dets: np.ndarray) -> list[float]:
     """Confidences of the crafted edge rows (all share the box cx 320, cy 100, w 40, h 80)."""
-    hit = (dets[:, :4] == torch.tensor([300.0, 60.0, 340.0, 140.0])).all(1)
+    hit = (dets[:, :4] == np.array([300.0, 60.0, 340.0, 140.0], np.float32)).all(1)
     return [round(float(c), 6) for c in dets[hit, 4]]
 
 
@@ -118,7 +121,7 @@ def test_strict_confidence_thresholds(pp_meta, preds):
     meta = pp_meta["crafted_row_meta"]
     pred = preds["crafted"]
     for label, obj in (("edge_obj_0.001", 0.001), ("edge_obj_0.5", 0.5), ("edge_obj_0.7", 0.7)):
-        assert pred[0, meta.index(label), 4] == torch.tensor(obj, dtype=torch.float32)
+        assert pred[0, meta.index(label), 4] == np.float32(obj)
     # obj == threshold is dropped (strict >, float32): 0.001 never survives, 0.7 not at conf 0.7,
     # 0.5 not at conf 0.5; at val the 0.5 and 0.7 rows overlap fully and NMS keeps the 0.7 one
     assert _edge_boxes(run_nms(pred, "val")[0][0]) == [0.7]
@@ -149,21 +152,21 @@ def test_nms_rows_equal_nms_on_those_rows(preds):
     # nms_kp over a subset of row indices (what run_nms passes after its one objectness filter)
     # gives what nms_kp gives on the copied subset, for both golden predictions
     for pred in (preds["forward"][0], preds["crafted"][0]):
-        g = torch.Generator().manual_seed(0)
-        rows = torch.nonzero(torch.rand(len(pred), generator=g) < 0.6).view(-1)  # ascending, ~60 %
+        rng = np.random.default_rng(0)
+        rows = np.flatnonzero(rng.random(len(pred)) < 0.6)  # ascending, ~60 %
         for thr, classes in ((0.1, None), (0.3, [0]), (0.2, range(1, 18))):
             a = nms_kp(pred, thr, 0.45, 17, classes=classes, rows=rows)
             b = nms_kp(pred[rows], thr, 0.45, 17, classes=classes)
-            assert len(a) > 0
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+            assert len(a) > 0 and a.dtype == np.float32
+            np.testing.assert_array_equal(a, b)
 
 
 def test_nms_class_argmax_first_index_on_ties():
     k = 2
-    row = torch.tensor([[50.0, 50.0, 20.0, 20.0, 0.9, 0.5, 0.8, 0.8, 1.0, 2.0, 3.0, 4.0]])
+    row = np.array([[50.0, 50.0, 20.0, 20.0, 0.9, 0.5, 0.8, 0.8, 1.0, 2.0, 3.0, 4.0]], np.float32)
     det = nms_kp(row, 0.1, 0.5, k)
     assert det[0, 5] == 1.0  # classes 1 and 2 tie: the first wins
-    assert det[0, 4] == torch.tensor(0.8, dtype=torch.float32) * torch.tensor(0.9, dtype=torch.float32)
+    assert det[0, 4] == np.float32(0.8) * np.float32(0.9)
     assert det[0, :4].tolist() == [40.0, 40.0, 60.0, 60.0] and det[0, 6:].tolist() == [1.0, 2.0, 3.0, 4.0]
 
 
@@ -186,16 +189,16 @@ def test_no_kp_dets_keeps_pose_keypoints(preds):
     poses = postprocess(preds["crafted"], get_preset("val", use_kp_dets=False), INPUT_HW, [ORIG_HW], coco_schema())[0]
     assert (poses.keypoints[..., 2] == 0).all()
     pd, _ = run_nms(preds["crafted"], "val")
-    kps = rescale_dets(pd[0], INPUT_HW, ORIG_HW)[:, 6:].numpy().reshape(-1, 17, 2)
+    kps = rescale_dets(pd[0], INPUT_HW, ORIG_HW)[:, 6:].reshape(-1, 17, 2)
     assert np.array_equal(poses.keypoints[..., :2], kps.astype(np.float64))
 
 
 def test_batched_equals_per_image(preds):
     crafted = preds["crafted"]
     forward = preds["forward"]
-    padded = torch.zeros_like(forward)
+    padded = np.zeros_like(forward)
     padded[0, : crafted.shape[1]] = crafted[0]  # zero rows (obj 0) never pass the filter
-    batch = torch.cat((padded, forward, padded))
+    batch = np.concatenate((padded, forward, padded))
     # the third image was letterboxed from a half-size original (gain 2, pad (0, 11))
     orig_hws = [ORIG_HW, ORIG_HW, (213, 320)]
     for preset in ("val", "demo", "demo_video"):
@@ -216,12 +219,12 @@ def test_batched_equals_per_image(preds):
 
 def _unfused(pred, preset, orig_hw):
     pd, _ = run_nms(pred, preset)
-    kps = rescale_dets(pd[0], INPUT_HW, orig_hw)[:, 6:].numpy().reshape(-1, 17, 2)
+    kps = rescale_dets(pd[0], INPUT_HW, orig_hw)[:, 6:].reshape(-1, 17, 2)
     return np.concatenate((kps, np.zeros((len(kps), 17, 1))), 2)
 
 
 def test_empty_prediction():
-    pred = torch.zeros(2, 100, 57)
+    pred = np.zeros((2, 100, 57), np.float32)
     out = postprocess(pred, "val", INPUT_HW, [ORIG_HW, ORIG_HW], coco_schema())
     assert len(out) == 2
     for p in out:
@@ -232,11 +235,11 @@ def test_empty_prediction():
 def test_other_keypoint_counts():
     schema = KeypointSchema(names=("a", "b", "c"), flip_index=(0, 2, 1))
     assert num_keypoints_from_columns(15) == 3 and num_keypoints_from_columns(57) == 17
-    pred = torch.zeros(1, 4, 15)
-    pred[0, 0, :5] = torch.tensor([50.0, 50.0, 40.0, 40.0, 0.9])
+    pred = np.zeros((1, 4, 15), np.float32)
+    pred[0, 0, :5] = [50.0, 50.0, 40.0, 40.0, 0.9]
     pred[0, 0, 5] = 1.0
-    pred[0, 0, 9:] = torch.tensor([40.0, 40.0, 60.0, 40.0, 50.0, 60.0])
-    pred[0, 1, :5] = torch.tensor([61.0, 39.0, 8.0, 8.0, 0.95])
+    pred[0, 0, 9:] = [40.0, 40.0, 60.0, 40.0, 50.0, 60.0]
+    pred[0, 1, :5] = [61.0, 39.0, 8.0, 8.0, 0.95]
     pred[0, 1, 7] = 1.0  # keypoint object of type b (class 2)
     (poses,) = postprocess(pred, "demo", (128, 128), [(128, 128)], schema)
     assert len(poses) == 1
@@ -246,17 +249,17 @@ def test_other_keypoint_counts():
 
 def test_bad_inputs():
     with pytest.raises(KapaoError, match="57"):
-        postprocess(torch.zeros(1, 10, 50), "val", INPUT_HW, [ORIG_HW], coco_schema())
+        postprocess(np.zeros((1, 10, 50)), "val", INPUT_HW, [ORIG_HW], coco_schema())
     with pytest.raises(KapaoError, match="columns"):
         num_keypoints_from_columns(50)
     with pytest.raises(KapaoError, match="image sizes"):
-        postprocess(torch.zeros(2, 10, 57), "val", INPUT_HW, [ORIG_HW], coco_schema())
+        postprocess(np.zeros((2, 10, 57)), "val", INPUT_HW, [ORIG_HW], coco_schema())
     with pytest.raises(KapaoError, match="run_nms"):
-        run_nms(torch.zeros(10, 57), "val")
+        run_nms(np.zeros((10, 57)), "val")
     with pytest.raises(KapaoError, match="kp_type"):
         fuse_keypoints([np.zeros((1, 3, 3))], [np.ones(1)], [np.array([[0, 0, 1, 1, 0.9, 3]])], 0.1, 10)
     with pytest.raises(KapaoError, match="unknown preset"):
-        postprocess(torch.zeros(1, 10, 57), "fast", INPUT_HW, [ORIG_HW], coco_schema())
+        postprocess(np.zeros((1, 10, 57)), "fast", INPUT_HW, [ORIG_HW], coco_schema())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,8 +376,8 @@ def test_postprocess_dets_matches_e2e_predict(shared):
                                                  "conf_thres_kp_person", "overwrite_tol")} == {
             k: run["thresholds"][k] for k in ("conf_thres", "iou_thres", "conf_thres_kp", "iou_thres_kp",
                                               "conf_thres_kp_person", "overwrite_tol")}
-        pd = torch.from_numpy(z[f"{key}__person_dets"])
-        kd = torch.from_numpy(z[f"{key}__kp_dets"])
+        pd = z[f"{key}__person_dets"]
+        kd = z[f"{key}__kp_dets"]
         (poses,) = postprocess_dets([pd], [kd], preset, run["input_chw"][1:], [run["orig_hw"]], coco_schema())
         assert np.array_equal(poses.keypoints, z[f"{key}__poses"]), key
         assert np.array_equal(poses.boxes, z[f"{key}__bboxes"]), key
@@ -429,64 +432,176 @@ def test_preset_errors():
         get_preset("val", use_kp_dets="yes")
 
 
+
+
 def test_half_precision_predictions(preds):
-    """fp16 predictions (--half) go through NMS in float32 and give the float32 poses closely."""
+    """fp16 predictions (--half) are widened to float32 and give the float32 poses closely."""
     full = postprocess(preds["crafted"], "demo", INPUT_HW, [ORIG_HW], coco_schema())[0]
-    half = postprocess(preds["crafted"].half(), "demo", INPUT_HW, [ORIG_HW], coco_schema())[0]
+    half = postprocess(preds["crafted"].astype(np.float16), "demo", INPUT_HW, [ORIG_HW], coco_schema())[0]
     assert len(half) == len(full) and len(half.kp_objects) == len(full.kp_objects)
     np.testing.assert_allclose(half.keypoints[..., :2], full.keypoints[..., :2], atol=0.5)
     np.testing.assert_allclose(half.scores, full.scores, atol=1e-3)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_torch_tensors_are_read_as_arrays(preds):
+    """Array-likes go through np.asarray: CPU torch tensors (fp32 and fp16) give the NumPy results,
+    and the outputs are NumPy whatever came in."""
+    torch = pytest.importorskip("torch")
+    for preset in ("val", "demo", "demo_video"):
+        ref = postprocess(preds["crafted"], preset, INPUT_HW, [ORIG_HW], coco_schema())[0]
+        got = postprocess(torch.from_numpy(preds["crafted"]), preset, INPUT_HW, [ORIG_HW], coco_schema())[0]
+        assert np.array_equal(ref.keypoints, got.keypoints) and np.array_equal(ref.boxes, got.boxes)
+        pd, kd = run_nms(torch.from_numpy(preds["forward"]), preset)
+        rpd, rkd = run_nms(preds["forward"], preset)
+        assert isinstance(pd[0], np.ndarray) and np.array_equal(pd[0], rpd[0]) and np.array_equal(kd[0], rkd[0])
+        (a,) = postprocess_dets([torch.from_numpy(rpd[0])], [torch.from_numpy(rkd[0])], preset, INPUT_HW, [ORIG_HW],
+                                coco_schema())
+        (b,) = postprocess_dets(rpd, rkd, preset, INPUT_HW, [ORIG_HW], coco_schema())
+        assert np.array_equal(a.keypoints, b.keypoints) and np.array_equal(a.kp_objects, b.kp_objects)
+    half = postprocess(torch.from_numpy(preds["crafted"]).half(), "demo", INPUT_HW, [ORIG_HW], coco_schema())[0]
+    ref = postprocess(preds["crafted"].astype(np.float16), "demo", INPUT_HW, [ORIG_HW], coco_schema())[0]
+    assert np.array_equal(half.keypoints, ref.keypoints)
+
+
 def test_cuda_predictions_match_cpu(preds):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
     for preset in ("val", "demo", "demo_video"):
         cpu = postprocess(preds["crafted"], preset, INPUT_HW, [ORIG_HW], coco_schema())[0]
-        gpu = postprocess(preds["crafted"].cuda(), preset, INPUT_HW, [ORIG_HW], coco_schema())[0]
-        assert len(gpu) == len(cpu)
-        np.testing.assert_allclose(gpu.keypoints, cpu.keypoints, rtol=1e-5, atol=2e-3)
-        np.testing.assert_allclose(gpu.scores, cpu.scores, atol=1e-5)
+        gpu = postprocess(torch.from_numpy(preds["crafted"]).cuda(), preset, INPUT_HW, [ORIG_HW], coco_schema())[0]
+        assert np.array_equal(gpu.keypoints, cpu.keypoints) and np.array_equal(gpu.scores, cpu.scores)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_per_class_nms_equals_one_offset_call(seed):
-    """Above PER_CLASS_NMS_FROM candidates NMS runs per class, and with a max_det cap on a most-
-    confident prefix first: the same kept boxes in the same order as one torchvision call over the
-    class-offset boxes (the official way) cut at max_det, ties included."""
-    import torchvision
+# ---------------------------------------------------------------------------------------------
+# the NumPy NMS against torchvision.ops.nms (the official path): same kept indices, same order
 
-    from kapao.postprocess import MAX_WH, PER_CLASS_NMS_FROM, _class_aware_nms
 
-    g = torch.Generator().manual_seed(seed)
-    n = PER_CLASS_NMS_FROM + 3000
-    xy = torch.rand(n, 2, generator=g) * 600
-    wh = torch.rand(n, 2, generator=g) * 80 + 4
-    classes = torch.randint(0, 18, (n,), generator=g).float()
-    scores = (torch.rand(n, generator=g) * 20).round() / 20  # many exact ties
-    boxes = torch.cat((xy, xy + wh), 1) + classes[:, None] * MAX_WH
+def _tv_nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    return torchvision.ops.nms(torch.from_numpy(boxes), torch.from_numpy(scores), iou).numpy()
+
+
+def _random_boxes(rng, n: int, n_classes: int = 1, extent: float = 600, size: float = 80) -> np.ndarray:
+    xy = rng.uniform(0, extent, (n, 2))
+    wh = rng.uniform(2, size, (n, 2))
+    cls = rng.integers(0, n_classes, n)
+    return (np.concatenate((xy, xy + wh), 1) + cls[:, None] * 4096).astype(np.float32)
+
+
+def _assert_nms_equal(boxes, scores, iou, caps=(None,)):
+    ref = _tv_nms(boxes, scores, iou)
+    for cap in caps:
+        got = nms(boxes, scores, iou, cap)
+        want = ref if cap is None else ref[:cap]
+        assert got.dtype == np.int64 and np.array_equal(got, want), (len(boxes), iou, cap, len(got), len(want))
+    return ref
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_nms_equals_torchvision_random(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.choice([1, 2, 7, 64, 255, 256, 257, 900, 3000]))
+    boxes = _random_boxes(rng, n, extent=float(rng.choice([50, 300, 1500])), size=float(rng.choice([10, 80, 300])))
+    scores = rng.random(n).astype(np.float32)
+    for iou in (0.0, 0.25, 0.45, 0.5, 0.65, 0.9):
+        _assert_nms_equal(boxes, scores, iou)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_nms_equals_torchvision_ties_and_many_classes(seed):
+    """Scores on a coarse grid (exact ties everywhere: torchvision's stable order, lower index
+    first) and boxes of up to 80 classes offset by cls * 4096 as nms_kp does."""
+    rng = np.random.default_rng(100 + seed)
+    n = 2500
+    boxes = _random_boxes(rng, n, n_classes=int(rng.choice([2, 18, 80])), extent=400)
+    scores = (np.round(rng.random(n) * 10) / 10).astype(np.float32)
     for iou in (0.25, 0.45, 0.65):
-        ref = torchvision.ops.nms(boxes, scores, iou)
-        assert torch.equal(_class_aware_nms(boxes, scores, classes, iou), ref)
-        # caps below, near and above the number kept: the prefix must grow in the last cases
-        for max_det in (1, 30, 300, len(ref) - 1, len(ref), len(ref) + 1, 10 * n):
-            assert torch.equal(_class_aware_nms(boxes, scores, classes, iou, max_det), ref[:max_det]), (iou, max_det)
+        ref = _tv_nms(boxes, scores, iou)
+        # caps below, at and above the number kept
+        _assert_nms_equal(boxes, scores, iou, caps=(None, 1, 30, 300, len(ref) - 1, len(ref), len(ref) + 1, 10 * n))
 
 
-def test_prefix_nms_grows_when_most_boxes_are_suppressed():
-    """Heavily overlapping candidates (few survive): the prefix must widen until max_det boxes
-    survive or every candidate was seen, and still equal the full call."""
-    import torchvision
+# (chunk, max pairs, block): the x-overlap pairs path in one chunk or many, the dense fallback
+SETTINGS = [(512, 1 << 20, 256), (10**6, 10**9, 256), (7, 1 << 20, 256), (64, 0, 16), (300, 0, 97), (10**6, 0, 10**6)]
 
-    from kapao.postprocess import _class_aware_nms
 
-    g = torch.Generator().manual_seed(7)
-    n = 6000
-    centres = torch.rand(40, 2, generator=g) * 2000  # 40 clusters of near-identical boxes
-    xy = centres[torch.randint(0, 40, (n,), generator=g)] + torch.rand(n, 2, generator=g)
-    boxes = torch.cat((xy, xy + 50), 1)
-    scores = torch.rand(n, generator=g)
-    classes = torch.zeros(n)
-    ref = torchvision.ops.nms(boxes, scores, 0.45)
-    assert 30 <= len(ref) < 300  # fewer survivors than the cap: every candidate has to be visited
-    for max_det in (5, 300):
-        assert torch.equal(_class_aware_nms(boxes, scores, classes, 0.45, max_det), ref[:max_det])
+@pytest.mark.parametrize("chunk,max_pairs,block", SETTINGS)
+def test_nms_speed_settings_never_change_the_result(chunk, max_pairs, block, monkeypatch):
+    """Long suppression chains (each box overlaps the next only: greedy keeps every other one),
+    dense clusters and random many-class boxes, across chunk and block boundaries."""
+    monkeypatch.setattr(kapao.nms, "NMS_CHUNK", chunk)
+    monkeypatch.setattr(kapao.nms, "NMS_MAX_PAIRS", max_pairs)
+    monkeypatch.setattr(kapao.nms, "NMS_BLOCK", block)
+    x = np.arange(600, dtype=np.float32) * 6  # 10-px boxes 6 px apart: IoU(i, i+1) = 0.25, (i, i+2) = 0
+    chain = np.stack((x, np.zeros_like(x), x + 10, np.full_like(x, 10)), 1)
+    scores = np.linspace(1, 0.1, 600, dtype=np.float32)
+    ref = _assert_nms_equal(chain, scores, 0.2, caps=(None, 7, 299, 300, 301))
+    assert np.array_equal(ref, np.arange(0, 600, 2))
+    rng = np.random.default_rng(7)
+    centres = rng.uniform(0, 2000, (40, 2))
+    xy = centres[rng.integers(0, 40, 3000)] + rng.random((3000, 2))
+    cluster = np.concatenate((xy, xy + 50), 1).astype(np.float32)
+    ref = _assert_nms_equal(cluster, rng.random(3000).astype(np.float32), 0.45, caps=(None, 5, 300))
+    assert 30 <= len(ref) < 300  # fewer survivors than the cap: every candidate is visited
+    boxes = _random_boxes(rng, 1500, n_classes=18, extent=300)
+    ties = (np.round(rng.random(1500) * 5) / 5).astype(np.float32)
+    for iou in (0.0, 0.45):
+        _assert_nms_equal(boxes, ties, iou, caps=(None, 1, 300))
+
+
+def test_nms_threshold_compared_in_double():
+    """torchvision compares the float32 IoU with the threshold as a double: an IoU that equals
+    float32(thr) but is above thr in double suppresses; a threshold equal to the IoU does not."""
+    boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 7]], np.float32)  # IoU 0.7 (float32 0.69999999)
+    scores = np.array([0.9, 0.8], np.float32)
+    iou = float(np.float32(70) / np.float32(100))
+    assert float(np.float32(0.7)) < 0.7  # so float32(0.7) > 0.7 fails in double ...
+    for thr in (0.7, iou, iou - 1e-12, np.nextafter(iou, 0), np.nextafter(iou, 1)):
+        _assert_nms_equal(boxes, scores, float(thr))
+    assert len(nms(boxes, scores, iou - 1e-12)) == 1 and len(nms(boxes, scores, iou)) == 2
+
+
+def test_nms_empty_and_degenerate_inputs():
+    empty = np.zeros((0, 4), np.float32)
+    assert nms(empty, np.zeros(0, np.float32), 0.5).shape == (0,)
+    assert np.array_equal(nms(empty, np.zeros(0, np.float32), 0.5), _tv_nms(empty, np.zeros(0, np.float32), 0.5))
+    one = np.array([[1, 1, 5, 5]], np.float32)
+    assert nms(one, np.array([0.3], np.float32), 0.5, max_det=300).tolist() == [0]
+    # zero-area boxes: IoU 0 / 0 = NaN, never above the threshold (as torchvision)
+    flat = np.array([[1, 1, 1, 5], [1, 1, 1, 5], [0, 0, 4, 4]], np.float32)
+    _assert_nms_equal(flat, np.array([0.9, 0.8, 0.7], np.float32), 0.1)
+    with pytest.raises(KapaoError, match="nms"):
+        nms(one, np.zeros(2, np.float32), 0.5)
+
+
+def test_nms_kp_equals_torchvision_class_offset_call(preds):
+    """nms_kp on the golden forward output at a loose threshold (thousands of candidates, 18
+    classes): the rows of the official one torchvision call over class-offset boxes, cut at max_det."""
+    pred = preds["forward"][0]
+    for thr, iou, max_det in ((0.3, 0.45, 300), (0.2, 0.65, 30000), (0.5, 0.25, 1)):
+        nc = 18
+        prod = pred[:, 5 : 5 + nc] * pred[:, 4:5]
+        j, conf = prod.argmax(1), prod.max(1)
+        rows = np.flatnonzero((pred[:, 4] > np.float32(thr)) & (conf > np.float32(thr)))
+        xywh = pred[rows, :4]
+        half = xywh[:, 2:4] / np.float32(2)
+        xyxy = np.concatenate((xywh[:, :2] - half, xywh[:, :2] + half), 1)
+        boxes = xyxy + j[rows, None].astype(np.float32) * np.float32(4096)
+        keep = _tv_nms(boxes, conf[rows], iou)[:max_det]
+        got = nms_kp(pred, thr, iou, 17, max_det=max_det)
+        assert len(rows) > 1000 or thr == 0.5
+        assert np.array_equal(got[:, :4], xyxy[keep]) and np.array_equal(got[:, 4], conf[rows][keep])
+        assert np.array_equal(got[:, 5], j[rows][keep].astype(np.float32))
+        assert np.array_equal(got[:, 6:], pred[rows[keep], 23:])
+
+
+def test_postprocess_imports_no_torch():
+    """NMS, rescaling, letterbox and tracking work without torch (the base install)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import kapao.postprocess, kapao.data.letterbox, kapao.track; "
+            "bad = [m for m in ('torch', 'torchvision') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

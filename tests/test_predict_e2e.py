@@ -8,10 +8,9 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from kapao.cli.main import main
-from kapao.data.letterbox import preprocess_demo, read_image
+from kapao.data.letterbox import preprocess_demo, read_image, to_input_batch
 from kapao.engine.predictor import KAPAO
 from kapao.postprocess import postprocess, run_nms
 from kapao.presets import get_preset
@@ -26,9 +25,12 @@ def e2e(golden):
     return root, runs, dict(np.load(root / "predict.npz"))
 
 
-@pytest.fixture(scope="module")
-def kapao_model(e2e):
-    return KAPAO(e2e[0] / "kapao_s_coco_seed0.pt", device="cpu")
+@pytest.fixture(scope="module", params=["auto", "torch"])
+def kapao_model(e2e, request):
+    """The default path (auto: exported once to a cached ONNX, run by ONNX Runtime) and torch."""
+    model = KAPAO(e2e[0] / "kapao_s_coco_seed0.pt", device="cpu", backend=request.param)
+    assert model.backend.name == {"auto": "onnxruntime-cpu-fp32", "torch": "torch-cpu-fp32"}[request.param]
+    return model
 
 
 def test_every_predict_run(e2e, kapao_model, shared):
@@ -43,12 +45,12 @@ def test_every_predict_run(e2e, kapao_model, shared):
         # one forward per (image, size), shared by the demo and val settings
         pred = preds.get((run["image"], run["imgsz_arg"]))
         if pred is None:
-            pred = preds[(run["image"], run["imgsz_arg"])] = kapao_model.backend(torch.from_numpy(chw).float()[None] / 255.0)
+            pred = preds[(run["image"], run["imgsz_arg"])] = kapao_model.backend(to_input_batch([chw]))
         assert pred.shape[1] == run["n_output_rows"]
         person_dets, kp_dets = run_nms(pred, preset, 17)
         for ours, field in ((person_dets[0], "person_dets"), (kp_dets[0], "kp_dets")):
             ref = z[f"{key}__{field}"]
-            m = match_nms_rows(ours.numpy(), ref)
+            m = match_nms_rows(ours, ref)
             assert len(ours) == len(ref), (key, field)
             # near-tie swaps at the 300-row cap are allowed by the README (5998/6000 official-vs-official)
             assert m.matched >= len(ref) - 2, (key, field, m)

@@ -48,20 +48,21 @@ def test_backend_interface(onnx_256: Path) -> None:
     b = OnnxBackend(onnx_256, threads=1, optimization="extended")
     assert b.schema.to_dict() == coco_schema().to_dict() and b.stride == 64 and b.fixed_hw == (256, 256)
     assert b.name == "onnxruntime-cpu-fp32" and b.precision == "fp32"
-    x = torch.rand(3, 3, 256, 256, generator=torch.Generator().manual_seed(1))
+    x = torch.rand(3, 3, 256, 256, generator=torch.Generator().manual_seed(1)).numpy()
     out = b(x)  # a fixed batch-1 graph runs a batch image by image
+    assert isinstance(out, np.ndarray)
     assert out.shape == (3, 3 * (32 * 32 + 16 * 16 + 8 * 8 + 4 * 4), 57)  # 3 anchors x cells of 4 levels
-    assert out.dtype == torch.float32
-    np.testing.assert_array_equal(out[1:2].numpy(), b(x[1:2]).numpy())
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out[1:2], b(x[1:2]))
 
 
 def test_optimization_levels_agree(onnx_256: Path) -> None:
-    x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(2))
+    x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(2)).numpy()
     ref = OnnxBackend(onnx_256, optimization="disable", exact=True)(x)
     for level in ("basic", "all"):
         out = OnnxBackend(onnx_256, optimization=level)(x)
-        np.testing.assert_allclose(out[..., 4:23].numpy(), ref[..., 4:23].numpy(), atol=1e-5)
-        np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-5, atol=0.0127)
+        np.testing.assert_allclose(out[..., 4:23], ref[..., 4:23], atol=1e-5)
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=0.0127)
 
 
 def test_poses_equal_official_pipeline(golden: Path, model: KapaoModel, tmp_path: Path) -> None:
@@ -70,7 +71,7 @@ def test_poses_equal_official_pipeline(golden: Path, model: KapaoModel, tmp_path
     fwd = np.load(golden / "forward_s640.npz")
     pp = np.load(golden / "postprocess.npz")
     path = export_onnx(model, tmp_path / "s.onnx", imgsz=(448, 640))
-    pred = OnnxBackend(path)(torch.from_numpy(fwd["input"]))
+    pred = OnnxBackend(path)(fwd["input"])
     (poses,) = postprocess(pred, "demo", (448, 640), [(426, 640)], coco_schema())
     key = "forward__demo_image__"
     assert len(poses) == len(pp[key + "scores"]) == 6
@@ -101,9 +102,9 @@ def test_sidecar_of_another_schema(model: KapaoModel, onnx_256: Path, tmp_path: 
 def test_bad_calls(onnx_256: Path, tmp_path: Path) -> None:
     b = OnnxBackend(onnx_256)
     with pytest.raises(KapaoError, match="fixed to 256x256 but got 256x320; letterbox to 256x256 or export with --dynamic"):
-        b(torch.zeros(1, 3, 256, 320))
+        b(np.zeros((1, 3, 256, 320), np.float32))
     with pytest.raises(KapaoError, match=r"input must be \(B, 3, H, W\)"):
-        b(torch.zeros(3, 256, 256))
+        b(np.zeros((3, 256, 256), np.float32))
     with pytest.raises(KapaoError, match="optimization 'max'"):
         OnnxBackend(onnx_256, optimization="max")
     with pytest.raises(KapaoError, match="use 'cpu' or 'cuda'"):
@@ -120,7 +121,7 @@ def test_bad_calls(onnx_256: Path, tmp_path: Path) -> None:
 
 def test_missing_onnxruntime(onnx_256: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
-    with pytest.raises(KapaoError, match=r"pip install 'kapao\[onnx\]'"):
+    with pytest.raises(KapaoError, match=r"needs ONNX Runtime: pip install onnxruntime"):
         OnnxBackend(onnx_256)
 
 
@@ -162,11 +163,11 @@ def test_int8_quantization(onnx_256: Path, coco_images: list[Path], tmp_path: Pa
     assert b8.precision == "int8" and b8.name == "onnxruntime-cpu-int8"
     with pytest.raises(KapaoError, match="exact mode needs an fp32 graph but this file is int8"):
         OnnxBackend(q, exact=True)
-    x = torch.from_numpy(np.concatenate(calibration_batches(coco_images[:3], (256, 256))))
+    x = np.concatenate(calibration_batches(coco_images[:3], (256, 256)))
     ref, out = b32(x), b8(x)
     # measured on these images: mean |d prob| ~0.01, mean keypoint shift a few px (random weights)
-    prob_err = (out[..., 4:23] - ref[..., 4:23]).abs().mean().item()
-    kp_err = (out[..., 23:] - ref[..., 23:]).abs().mean().item()
+    prob_err = float(np.abs(out[..., 4:23] - ref[..., 4:23]).mean())
+    kp_err = float(np.abs(out[..., 23:] - ref[..., 23:]).mean())
     assert prob_err < 0.03, prob_err
     assert kp_err < 10.0, kp_err
     mixed = quantize_int8(onnx_256, tmp_path / "mixed.onnx", coco_images[30:], num_images=2, float_layers=2)
@@ -185,22 +186,24 @@ def test_int8_quantization(onnx_256: Path, coco_images: list[Path], tmp_path: Pa
 def test_cpu_torch_backends(model: KapaoModel) -> None:
     import copy
 
-    x = torch.rand(1, 3, 256, 192, generator=torch.Generator().manual_seed(3))
+    xt = torch.rand(1, 3, 256, 192, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        ref = model(x)
+        ref = model(xt).numpy()
+    x = xt.numpy()
     cl = CpuTorchBackend(copy.deepcopy(model), "fp32")
     assert cl.name == "torch-cl-fp32" and cl.stride == 64 and cl.fixed_hw is None and cl.schema == model.schema
     out = cl(x)
-    np.testing.assert_allclose(out[..., 4:23].numpy(), ref[..., 4:23].numpy(), atol=1e-5)
-    np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-5, atol=0.0127)  # fused-BN allowance
+    assert isinstance(out, np.ndarray)
+    np.testing.assert_allclose(out[..., 4:23], ref[..., 4:23], atol=1e-5)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=0.0127)  # fused-BN allowance
     bf = CpuTorchBackend(copy.deepcopy(model), "bf16")
     out = bf(x)
-    assert bf.name == "torch-cl-bf16" and out.dtype == torch.float32 and out.shape == ref.shape
-    assert (out[..., 4:23] - ref[..., 4:23]).abs().mean().item() < 0.02
+    assert bf.name == "torch-cl-bf16" and out.dtype == np.float32 and out.shape == ref.shape
+    assert float(np.abs(out[..., 4:23] - ref[..., 4:23]).mean()) < 0.02
     with pytest.raises(KapaoError, match="use one of fp32, bf16"):
         CpuTorchBackend(model, "fp16")
     exact = ExactFp32Backend(cl)
-    assert exact.name == "torch-cl-fp32-exact" and torch.equal(exact(x), cl(x))
+    assert exact.name == "torch-cl-fp32-exact" and np.array_equal(exact(x), cl(x))
 
 
 def test_exact_fp32_restores_settings() -> None:
@@ -270,6 +273,15 @@ def test_benchmark_small(coco_images: list[Path], tmp_path: Path) -> None:
     assert all(r.bound_ms is None and r.bound_ratio is None for r in rows)  # no bounds asked for
 
 
+def cpu_has_vnni() -> bool:
+    """Whether this CPU has int8 dot-product instructions (Linux /proc/cpuinfo flags)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags or "amx_int8" in flags
+
+
 def test_benchmark_rows_carry_their_own_bound(coco_images: list[Path], tmp_path: Path) -> None:
     """With bounds, each row's forward bound is measured during the row, at the row's precision
     (int8 rows against the int8 conv, fp32 rows against fp32), and no forward beats it."""
@@ -286,8 +298,10 @@ def test_benchmark_rows_carry_their_own_bound(coco_images: list[Path], tmp_path:
     for r in (fp32, int8):
         assert 0 < r.bound_ms <= r.ms["forward"]
         assert r.bound_ratio == pytest.approx(r.total_ms / r.bound_ms)
-    # int8 convs run ~4x the fp32 GFLOP/s here: its bound is the smaller one
-    assert int8.bound_ms < fp32.bound_ms
+    # with VNNI (AVX-512 VNNI or AVX-VNNI) int8 convs run ~4x the fp32 GFLOP/s: the int8 bound is
+    # the smaller one; without it (AVX2 only) int8 and fp32 convs run at about the same speed
+    if cpu_has_vnni():
+        assert int8.bound_ms < fp32.bound_ms
     assert bf16.bound_ms is None and bf16.bound_ratio is None
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from kapao.track import PoseTracker
 
@@ -34,3 +35,22 @@ def test_lost_tracks_expire_and_empty_frames():
     assert tracker.update(np.zeros((0, 4)), np.zeros((0, 17, 2))).shape == (0,)
     assert tracker.update(np.zeros((0, 4)), np.zeros((0, 17, 2))).shape == (0,)
     assert list(tracker.update(a[None], ka[None])) == [2]  # expired: a new id
+
+
+def test_box_iou_equals_torchvision():
+    """The NumPy IoU the tracker matches with gives torchvision's `box_iou` bit for bit."""
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    from kapao.track import box_iou
+
+    rng = np.random.default_rng(0)
+    for dtype in (np.float64, np.float32):
+        for na, nb in ((0, 3), (3, 0), (1, 1), (17, 9), (40, 40)):
+            xy = rng.uniform(0, 200, (na + nb, 2))
+            boxes = np.concatenate((xy, xy + rng.uniform(0, 100, (na + nb, 2))), 1).astype(dtype)
+            boxes[: min(2, na + nb), 2:] = boxes[: min(2, na + nb), :2]  # zero-area boxes too
+            a, b = boxes[:na], boxes[na:]
+            ref = torchvision.ops.box_iou(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+            ours = box_iou(a, b)
+            assert ours.dtype == ref.dtype and ours.shape == (na, nb)
+            np.testing.assert_array_equal(ours, ref)

@@ -1,11 +1,12 @@
 """Post-processing shared by predict, val and the demos: NMS, rescaling, keypoint-object fusion.
 
+NumPy only (no torch): every backend (ONNX Runtime, OpenVINO, torch) hands its raw rows here.
 Raw rows (B, N, 5 + nc + 2K), nc = 1 + K, are in network-input pixels:
 `[cx, cy, w, h, obj, cls_0 (person), cls_1..cls_K (keypoint objects), kx_1, ky_1, ..., kx_K, ky_K]`.
 
-1. `run_nms`: confidence filter and class-aware NMS (torchvision), persons and keypoint objects
-   in one call or two exactly when the official `run_nms` does. Rows out: (n, 6 + 2K)
-   `[x1, y1, x2, y2, conf, cls, 2K keypoint coords]`, descending conf.
+1. `run_nms`: confidence filter and class-aware NMS (`kapao.nms.nms`, torchvision's in NumPy),
+   persons and keypoint objects in one call or two exactly when the official `run_nms` does.
+   Rows out: (n, 6 + 2K) float32 `[x1, y1, x2, y2, conf, cls, 2K keypoint coords]`, descending conf.
 2. `rescale_dets`: to original-image pixels (`kapao.data.letterbox.scale_boxes/scale_keypoints`).
 3. `fuse_keypoints`: each keypoint object, in NMS order, replaces the keypoint of its type of the
    person whose current keypoint is nearest, if more confident and closer than `overwrite_tol`.
@@ -13,32 +14,49 @@ Raw rows (B, N, 5 + nc + 2K), nc = 1 + K, are in network-input pixels:
 4. `postprocess(pred, ...)`: all of the above, one `Poses` per image; `postprocess_dets` starts
    from `run_nms` outputs (e.g. when NMS ran elsewhere).
 
-All comparisons follow the official code: strict, in float32 for confidences.
+Inputs may be any array-like (NumPy arrays, torch tensors on any device, fp16 included): they are
+read as float32 once. All comparisons follow the official code: strict, in float32 for
+confidences, and IoU (float32) against the threshold as a double, as torchvision's CPU kernel.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
-import torch
-import torchvision
 
 from kapao.data.letterbox import scale_boxes, scale_keypoints
 from kapao.errors import KapaoError
+from kapao.nms import nms
 from kapao.presets import Preset, get_preset
 from kapao.results import Poses
 from kapao.schema import KeypointSchema
 
 MAX_WH = 4096  # class offset for class-aware NMS in one call (boxes of different classes never overlap)
-PER_CLASS_NMS_FROM = 2000  # candidates above which NMS runs per class (same result, less time)
-# with a max_det cap, NMS first runs on this many x max_det most confident candidates (growing
-# 4x while fewer than max_det survive): greedy NMS decides each box from higher-scored boxes only,
-# so the first max_det kept boxes are the same as from NMS over all candidates
-PREFIX_NMS_FACTOR = 4
 # distances computed per step of fuse_keypoints (sets how many objects per group a step looks at;
 # speed only, the result is the same for any value)
 FUSE_STEP_BUDGET = 2048
+
+
+def as_numpy(x: Any) -> np.ndarray:
+    """Any array-like -> np.ndarray, float16 kept as float16 (--half rows, whose thresholds the
+    official code compares in fp16), anything else as float32 (no copy for float32 arrays).
+    Torch tensors (any device) are read through their own `.detach().cpu()`; torch is never
+    imported here."""
+    if hasattr(x, "detach") and hasattr(x, "cpu"):
+        x = x.detach().cpu()
+        try:
+            x = x.numpy()
+        except TypeError:  # bfloat16 and other dtypes NumPy cannot hold
+            x = x.float().numpy()
+    x = np.asarray(x)
+    return x if x.dtype == np.float16 else x.astype(np.float32, copy=False)
+
+
+def as_float32(x: Any) -> np.ndarray:
+    """Any array-like (torch tensors included) -> np.ndarray float32 (no copy for float32)."""
+    return as_numpy(x).astype(np.float32, copy=False)
 
 
 def num_keypoints_from_columns(no: int) -> int:
@@ -50,133 +68,136 @@ def num_keypoints_from_columns(no: int) -> int:
     return (no - 6) // 3
 
 
-def _xywh2xyxy(xywh: torch.Tensor) -> torch.Tensor:
+def _xywh2xyxy(xywh: np.ndarray) -> np.ndarray:
+    """(n, 4) [cx, cy, w, h] -> (n, 4) [x1, y1, x2, y2] in the input's dtype, as torch."""
     half = xywh[:, 2:4] / 2
-    return torch.cat((xywh[:, 0:2] - half, xywh[:, 0:2] + half), 1)
+    return np.concatenate((xywh[:, 0:2] - half, xywh[:, 0:2] + half), 1)
+
+
+def _best_class(pred: np.ndarray, rows: np.ndarray, nc: int) -> tuple[np.ndarray, np.ndarray]:
+    """conf = max over the nc class columns of obj * cls and its class j (first index on ties, as
+    torch's max), for pred[rows]: ((n,), (n,) int64), in the rows' dtype."""
+    cand = pred[rows, 4 : 5 + nc]
+    prod = cand[:, 1:] * cand[:, :1]
+    j = prod.argmax(1)
+    return prod.reshape(-1)[np.arange(len(j)) * nc + j], j
 
 
 def nms_kp(
-    pred: torch.Tensor,
+    pred: Any,
     conf_thres: float,
     iou_thres: float,
     num_keypoints: int,
     classes: Sequence[int] | None = None,
     max_det: int = 300,
     max_nms: int = 30000,
-    rows: torch.Tensor | None = None,
-) -> torch.Tensor:
+    rows: np.ndarray | None = None,
+) -> np.ndarray:
     """NMS for one image, as the official `non_max_suppression_kp`.
 
-    pred (N, 5 + nc + 2K) -> (n, 6 + 2K) `[x1, y1, x2, y2, conf, cls, kps]`, descending conf.
+    pred (N, 5 + nc + 2K) -> (n, 6 + 2K) float32 `[x1, y1, x2, y2, conf, cls, kps]`, descending conf.
     Keeps rows with obj > conf_thres, then conf = obj * cls (best class, first index on ties) >
     conf_thres, optionally only `classes`; the `max_nms` most confident enter class-aware NMS
     (boxes offset by cls * 4096); at most `max_det` are kept. rows: ascending indices of the
     rows to consider (e.g. from a looser objectness filter; None: all), so that callers filtering
-    once for several calls copy no rows.
+    once for several calls copy no rows. float16 rows (--half) are filtered and converted to xyxy
+    in fp16 as the official code, then widened: NMS and the returned rows are float32 always (fp16
+    cannot hold the class offsets, 16 * 4096 > 65504).
     """
+    pred = as_numpy(pred)
+    c = pred.dtype.type(conf_thres)
+    rows = np.flatnonzero(pred[:, 4] > c) if rows is None else rows[pred[rows, 4] > c]
+    conf, j = _best_class(pred, rows, 1 + num_keypoints)
+    return _nms_rows(pred, rows, conf, j, conf_thres, iou_thres, num_keypoints, classes, max_det, max_nms)
+
+
+def _nms_rows(
+    pred: np.ndarray,
+    rows: np.ndarray,
+    conf: np.ndarray,
+    j: np.ndarray,
+    conf_thres: float,
+    iou_thres: float,
+    num_keypoints: int,
+    classes: Sequence[int] | None,
+    max_det: int,
+    max_nms: int,
+) -> np.ndarray:
+    """`nms_kp` from the `_best_class` results of ascending `rows` (a superset of the rows with
+    obj > conf_thres), so that run_nms computes them once for its two calls."""
     nc = 1 + num_keypoints
+    c = pred.dtype.type(conf_thres)
     # the same row-wise arithmetic as the official code, but gathering only the columns each step
     # needs and full rows only for the kept boxes (junk-heavy outputs have thousands of candidates)
-    if rows is None:
-        rows = torch.nonzero(pred[:, 4] > conf_thres).view(-1)
-    else:
-        rows = rows[pred[rows, 4] > conf_thres]
-    cand = pred[rows, 4 : 5 + nc]
-    conf, j = (cand[:, 1:] * cand[:, :1]).max(1)
-    keep = conf > conf_thres
+    keep = (pred[rows, 4] > c) & (conf > c)
     if classes is not None:
-        keep &= torch.isin(j, torch.as_tensor(list(classes), device=j.device, dtype=j.dtype))
+        keep &= np.isin(j, np.asarray(list(classes), dtype=np.int64))
     rows, conf, j = rows[keep], conf[keep], j[keep]
-    if rows.numel() > max_nms:
-        top = conf.argsort(descending=True)[:max_nms]
+    if len(rows) > max_nms:
+        # stable: the official torch argsort is not, so ties at the max_nms cut may differ there
+        top = np.argsort(-conf, kind="stable")[:max_nms]
         rows, conf, j = rows[top], conf[top], j[top]
-    if rows.numel() == 0:
-        return pred.new_zeros((0, 6 + 2 * num_keypoints))
-    cls = j.to(pred.dtype)
-    # float32 for NMS: fp16 (--half) cannot hold the class offsets (16 * 4096 > 65504) and CPU
-    # torchvision has no fp16 kernel; a no-op for float32 input
-    boxes = _xywh2xyxy(pred[rows, :4]).float() + cls[:, None].float() * MAX_WH
-    i = _class_aware_nms(boxes, conf.float(), cls, iou_thres, max_det)
+    if len(rows) == 0:
+        return np.zeros((0, 6 + 2 * num_keypoints), dtype=np.float32)
+    cls = j.astype(np.float32)
+    boxes = _xywh2xyxy(pred[rows, :4]).astype(np.float32) + cls[:, None] * np.float32(MAX_WH)
+    i = nms(boxes, conf, iou_thres, max_det)
     x = pred[rows[i]]
-    return torch.cat((_xywh2xyxy(x[:, :4]), conf[i, None], cls[i, None], x[:, 5 + nc :]), 1)
-
-
-def _class_aware_nms(
-    boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, iou_thres: float, max_det: int | None = None
-) -> torch.Tensor:
-    """torchvision NMS over class-offset boxes -> the first `max_det` (None: all) kept indices by
-    descending score (ties: lower index first), exactly as `nms(boxes, scores)[:max_det]` returns
-    them. Junk-heavy inputs (thousands of candidates, e.g. keypoint objects at the val threshold)
-    cost O(n^2) in one call; a most-confident prefix decides the first max_det kept boxes alone."""
-    n = boxes.shape[0]
-    if max_det is None or n <= PREFIX_NMS_FACTOR * max_det:
-        return _nms_all(boxes, scores, classes, iou_thres)[:max_det]
-    order = scores.sort(descending=True, stable=True).indices  # the order the full call visits
-    m = PREFIX_NMS_FACTOR * max_det
-    while True:
-        idx = order[:m]
-        keep = _nms_all(boxes[idx], scores[idx], classes[idx], iou_thres)
-        if keep.numel() >= max_det or m >= n:
-            return idx[keep[:max_det]]
-        m *= PREFIX_NMS_FACTOR
-
-
-def _nms_all(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, iou_thres: float) -> torch.Tensor:
-    """Every kept index, as one torchvision call over the class-offset boxes returns them. Boxes
-    of different classes never overlap, so above PER_CLASS_NMS_FROM candidates one call per class
-    keeps exactly the same boxes in a fraction of the time."""
-    if boxes.shape[0] <= PER_CLASS_NMS_FROM:
-        return torchvision.ops.nms(boxes, scores, iou_thres)
-    kept = [idx[torchvision.ops.nms(boxes[idx], scores[idx], iou_thres)]
-            for idx in (torch.nonzero(classes == c).view(-1) for c in torch.unique(classes))]
-    keep = torch.cat(kept).sort().values  # by index, so that the stable score sort breaks ties by index
-    return keep[scores[keep].sort(descending=True, stable=True).indices]
+    out = (_xywh2xyxy(x[:, :4]), conf[i, None], cls[i, None], x[:, 5 + nc :])
+    return np.concatenate([a.astype(np.float32, copy=False) for a in out], 1)
 
 
 def run_nms(
-    pred: torch.Tensor, preset: Preset | str, num_keypoints: int | None = None
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    pred: Any, preset: Preset | str, num_keypoints: int | None = None
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Person and keypoint-object detections per image.
 
-    pred (B, N, 5 + nc + 2K) -> (person_dets, kp_dets), two lists of B tensors (n, 6 + 2K).
-    One combined NMS when iou_thres == iou_thres_kp and conf_thres_kp >= conf_thres (persons and
-    keypoint objects then share the max_det cap; keypoint objects also need conf >= conf_thres_kp);
-    otherwise two calls: class 0 at (conf_thres, iou_thres) and classes 1..K at the _kp values.
+    pred (B, N, 5 + nc + 2K) array-like -> (person_dets, kp_dets), two lists of B float32 arrays
+    (n, 6 + 2K). One combined NMS when iou_thres == iou_thres_kp and conf_thres_kp >= conf_thres
+    (persons and keypoint objects then share the max_det cap; keypoint objects also need
+    conf >= conf_thres_kp); otherwise two calls: class 0 at (conf_thres, iou_thres) and classes
+    1..K at the _kp values. Thresholds are compared in the rows' dtype (float16 rows: in fp16).
     """
     preset = get_preset(preset) if isinstance(preset, str) else preset
+    pred = as_numpy(pred)
     if pred.ndim != 3:
         raise KapaoError(f"run_nms: expected predictions (B, N, C), got shape {tuple(pred.shape)}")
     k = num_keypoints if num_keypoints is not None else num_keypoints_from_columns(pred.shape[-1])
     if pred.shape[-1] != 6 + 3 * k:
         raise KapaoError(f"run_nms: rows have {pred.shape[-1]} columns, expected {6 + 3 * k} for K={k} keypoints")
     kw = {"num_keypoints": k, "max_det": preset.max_det, "max_nms": preset.max_nms}
+    p_thr, k_thr = (preset.conf_thres, preset.iou_thres), (preset.conf_thres_kp, preset.iou_thres_kp)
     person_dets, kp_dets = [], []
-    floor = min(preset.conf_thres, preset.conf_thres_kp)
+    floor = pred.dtype.type(min(preset.conf_thres, preset.conf_thres_kp))
+    conf_kp = np.float32(pred.dtype.type(preset.conf_thres_kp))  # widened: same verdicts as in fp16
     for x in pred:  # per image, as NMS is
         # one pass over the (large) raw rows: every later filter is stricter than obj > floor,
         # and the kept rows stay in their order, so NMS breaks ties as over all rows
-        rows = torch.nonzero(x[:, 4] > floor).view(-1)
+        # (conf and class do not depend on the threshold: computed once for both calls)
+        rows = np.flatnonzero(x[:, 4] > floor)
+        cand = (x, rows, *_best_class(x, rows, 1 + k))
         if preset.combined_nms:
-            d = nms_kp(x, preset.conf_thres, preset.iou_thres, rows=rows, **kw)
+            d = _nms_rows(*cand, *p_thr, classes=None, **kw)
             person_dets.append(d[d[:, 5] == 0])
-            d = d[d[:, 4] >= preset.conf_thres_kp]
+            d = d[d[:, 4] >= conf_kp]
             kp_dets.append(d[d[:, 5] > 0])
         else:
-            person_dets.append(nms_kp(x, preset.conf_thres, preset.iou_thres, classes=[0], rows=rows, **kw))
-            kp_dets.append(nms_kp(x, preset.conf_thres_kp, preset.iou_thres_kp, classes=range(1, 1 + k), rows=rows, **kw))
+            person_dets.append(_nms_rows(*cand, *p_thr, classes=[0], **kw))
+            kp_dets.append(_nms_rows(*cand, *k_thr, classes=range(1, 1 + k), **kw))
     return person_dets, kp_dets
 
 
 def rescale_dets(
-    dets: torch.Tensor, input_hw: tuple[int, int], orig_hw: tuple[int, int], clip_all_keypoints: bool = False
-) -> torch.Tensor:
-    """(n, 6 + 2K) NMS rows in network-input pixels -> a new (n, 6 + 2K) tensor in original pixels.
+    dets: Any, input_hw: tuple[int, int], orig_hw: tuple[int, int], clip_all_keypoints: bool = False
+) -> np.ndarray:
+    """(n, 6 + 2K) NMS rows in network-input pixels -> a new (n, 6 + 2K) float32 array in original pixels.
 
     Boxes are clipped to the image; keypoints as `scale_keypoints` (official: only keypoints 0 and 1
     are clipped). This equals what the official `post_process_batch` leaves in `person_dets` after
     mutating it in place (boxes not rounded).
     """
-    return torch.cat(
+    dets = as_float32(dets)
+    return np.concatenate(
         (
             scale_boxes(dets[:, :4], input_hw, orig_hw),
             dets[:, 4:6],
@@ -292,7 +313,7 @@ def _hw(shape: Sequence[int]) -> tuple[int, int]:
 
 
 def postprocess(
-    pred: torch.Tensor,
+    pred: Any,
     preset: Preset | str,
     input_hw: tuple[int, int],
     orig_hws: Sequence[tuple[int, int]],
@@ -301,11 +322,13 @@ def postprocess(
 ) -> list[Poses]:
     """Decoded predictions -> one `Poses` per image, in original-image pixels.
 
-    pred (B, N, 5 + nc + 2K) for a batch letterboxed to input_hw = (H, W); orig_hws: B (h0, w0).
+    pred (B, N, 5 + nc + 2K) array-like (read as float32) for a batch letterboxed to
+    input_hw = (H, W); orig_hws: B (h0, w0).
     The mapping back recomputes gain and padding from the two shapes, as the official code (so
     an image letterboxed into a larger rect-batch shape maps back correctly too).
     """
     preset = get_preset(preset) if isinstance(preset, str) else preset
+    pred = as_numpy(pred)
     k = schema.num_keypoints
     if pred.ndim != 3 or pred.shape[-1] != 6 + 3 * k:
         raise KapaoError(
@@ -319,8 +342,8 @@ def postprocess(
 
 
 def postprocess_dets(
-    person_dets: Sequence[torch.Tensor],
-    kp_dets: Sequence[torch.Tensor],
+    person_dets: Sequence[Any],
+    kp_dets: Sequence[Any],
     preset: Preset | str,
     input_hw: tuple[int, int],
     orig_hws: Sequence[tuple[int, int]],
@@ -343,13 +366,13 @@ def postprocess_dets(
     boxes, scores, poses, kp_objs = [], [], [], []
     for pd, kd, orig in zip(person_dets, kp_dets, orig_hws):
         orig = _hw(orig)
-        pd = rescale_dets(pd.detach().float().cpu(), input_hw, orig, preset.clip_all_keypoints)
-        boxes.append(pd[:, :4].round().numpy())
-        scores.append(pd[:, 4].numpy())
-        kps = pd[:, 6:].numpy().reshape(-1, k, 2)
+        pd = rescale_dets(pd, input_hw, orig, preset.clip_all_keypoints)
+        boxes.append(pd[:, :4].round())
+        scores.append(pd[:, 4].copy())
+        kps = pd[:, 6:].reshape(-1, k, 2)
         poses.append(np.concatenate((kps, np.zeros((len(kps), k, 1))), 2))
-        kd = kd.detach().float().cpu()
-        kp_objs.append(torch.cat((scale_boxes(kd[:, :4], input_hw, orig), kd[:, 4:5], kd[:, 5:6] - 1), 1).numpy())
+        kd = as_float32(kd).reshape(-1, 6 + 2 * k)
+        kp_objs.append(np.concatenate((scale_boxes(kd[:, :4], input_hw, orig), kd[:, 4:5], kd[:, 5:6] - 1), 1))
 
     if preset.use_kp_dets:
         poses, _ = fuse_keypoints(poses, scores, kp_objs, preset.conf_thres_kp_person, preset.overwrite_tol)

@@ -33,6 +33,7 @@ class Poses:
     kp_objects: optional (M, 6) float32 keypoint objects x1, y1, x2, y2, conf, kp_type (0-based
                 keypoint index), rescaled and clipped to the image, in NMS order
     track_ids:  optional (N,) int64 identities from `kapao.track`
+    backend:    the name of the runtime that predicted them (e.g. "onnxruntime-cpu-fp32"), if known
     """
 
     boxes: np.ndarray
@@ -43,6 +44,7 @@ class Poses:
     path: str | None = None
     kp_objects: np.ndarray | None = None
     track_ids: np.ndarray | None = None
+    backend: str | None = None
 
     def __post_init__(self) -> None:
         k = self.schema.num_keypoints
@@ -93,6 +95,7 @@ class Poses:
             self.path,
             self.kp_objects,
             None if self.track_ids is None else self.track_ids[index],
+            self.backend,
         )
 
     def __repr__(self) -> str:
@@ -131,6 +134,7 @@ class Poses:
         return {
             "path": self.path,
             "image_hw": list(self.image_hw),
+            "backend": self.backend,
             "keypoint_names": list(self.schema.names),
             "poses": people,
             "kp_objects": None if self.kp_objects is None else self.kp_objects.tolist(),

@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
-from torchvision.ops import box_iou
 
 
 @dataclass
@@ -15,6 +13,19 @@ class _Track:
     box: np.ndarray  # (4,) xyxy
     keypoints: np.ndarray  # (K, 2)
     missed: int = 0
+
+
+def box_iou(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
+    """(Na, 4) x (Nb, 4) xyxy -> (Na, Nb) IoU, with torchvision's `box_iou` arithmetic (in the
+    inputs' dtype): inter = clamp(min(x2, y2) - max(x1, y1), 0) product, union = area_a + area_b - inter."""
+    area_a = (boxes_a[:, 2] - boxes_a[:, 0]) * (boxes_a[:, 3] - boxes_a[:, 1])
+    area_b = (boxes_b[:, 2] - boxes_b[:, 0]) * (boxes_b[:, 3] - boxes_b[:, 1])
+    lt = np.maximum(boxes_a[:, None, :2], boxes_b[None, :, :2])
+    rb = np.minimum(boxes_a[:, None, 2:], boxes_b[None, :, 2:])
+    wh = np.maximum(rb - lt, 0)
+    inter = wh[..., 0] * wh[..., 1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return inter / (area_a[:, None] + area_b[None, :] - inter)
 
 
 def keypoint_similarity(kps_a: np.ndarray, kps_b: np.ndarray, boxes_b: np.ndarray, sigma: float = 0.1) -> np.ndarray:
@@ -46,7 +57,7 @@ class PoseTracker:
         if self._tracks and len(boxes):
             t_boxes = np.stack([t.box for t in self._tracks])
             t_kps = np.stack([t.keypoints for t in self._tracks])
-            iou = box_iou(torch.from_numpy(boxes), torch.from_numpy(t_boxes)).numpy()
+            iou = box_iou(boxes, t_boxes)
             score = 0.5 * iou + 0.5 * keypoint_similarity(kps, t_kps, t_boxes)
             order = np.dstack(np.unravel_index(np.argsort(-score, axis=None), score.shape))[0]
             used_det, used_trk = set(), set()

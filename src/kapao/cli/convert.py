@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from kapao.errors import require_torch
 from kapao.schema import KeypointSchema
-from kapao.weights import load, save
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,6 +26,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    require_torch("kapao convert")
+    from kapao.weights.checkpoint import save
+    from kapao.weights.loader import load
+
     schema = KeypointSchema.from_yaml(args.data) if args.data else None
     model, meta = load(args.source, schema=schema, sha256=args.sha256)
     n = len(model.state_dict())

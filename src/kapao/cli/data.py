@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kapao.errors import KapaoError
+from kapao.errors import KapaoError, require_torch
 from kapao.viz import draw_labels, make_grid
+
 
 def data_show(
     data_yaml: str | Path,
@@ -26,6 +27,7 @@ def data_show(
 ) -> Path:
     """Write a grid of `n` samples of `split` (train: augmented with `hyp`; val: letterboxed) with
     their labels drawn; returns the image path (default `data_show_<split>.jpg`)."""
+    require_torch("kapao data show (the training data pipeline)")
     from kapao.data.dataset import KeypointDataset
     from kapao.hyp import load_hyp
     from kapao.io.writers import write_image

@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from kapao.engine.metrics import evaluate_keypoints
 from kapao.engine.predict_job import PredictJob, run_predict_job
 from kapao.engine.predictor import KAPAO
 from kapao.errors import KapaoError
 from kapao.viz import DrawOptions
-from kapao.weights import default_weights, demo_images, load
+from kapao.weights.shipped import default_weights, demo_images, shipped_onnx
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,20 +27,35 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default="exp")
 
 
+def describe(weights: str | None) -> tuple[str, str, int, dict[str, Any]]:
+    """(file name, model config, keypoints, training info) of the weights to demo, from an exported
+    file's metadata (the shipped model: its ONNX, which needs no torch) or from torch weights."""
+    if weights is None:
+        weights = str(shipped_onnx() or default_weights())
+    if weights is not None and Path(weights).suffix in (".onnx", ".xml"):
+        from kapao.runtime.metadata import read_metadata, schema_from_metadata
+
+        meta = read_metadata(weights)
+        k = schema_from_metadata(meta, weights).num_keypoints
+        return Path(weights).name, str(meta.get("model")), k, meta.get("weights_info") or {}
+    from kapao.weights import load  # torch weights: the one-line kapao[torch] error without torch
+
+    _, m = load(weights)
+    return Path(weights).name, m.config.name, m.schema.num_keypoints, m.info or {}
+
+
 def run(args: argparse.Namespace) -> int:
     images = demo_images()
     if not images:
         raise KapaoError("the demo scenes are not installed with this package (kapao/assets/demo); reinstall kapao")
-    weights = args.weights or default_weights()
-    _, meta = load(weights)
-    info = meta.info or {}
-    print(f"model: {Path(str(weights)).name} ({meta.config.name}, {meta.schema.num_keypoints} keypoints)")
+    name, cfg, k, info = describe(args.weights)
+    print(f"model: {name} ({cfg}, {k} keypoints)")
     if "recipe" in info:
         r = info["recipe"]
         print(f"  trained from scratch on synthetic scenes: {r.get('epochs')} epochs at {r.get('imgsz')} px, "
               f"best val OKS AP {info.get('best_ap', float('nan')):.3f}")
     print(f"scenes: {len(images)} synthetic images held out from training ({images[0].parent})")
-    model = KAPAO(weights)
+    model = KAPAO(args.weights)  # None: the shipped model (its ONNX on the CPU, no torch needed)
     job = PredictJob(source=[str(p) for p in images], imgsz=args.imgsz, preset="demo",
                      draw=DrawOptions(bbox=True), project=args.project, name=args.name, save_json=True, progress=False)
     summary = run_predict_job(model, job)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from kapao.config import MODEL_NAMES
-from kapao.models.kapao import KapaoModel
+from kapao.errors import require_torch
 from kapao.schema import KeypointSchema
 
 
@@ -15,6 +15,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    require_torch("kapao info (it builds each model to count its parameters)")
+    from kapao.models.kapao import KapaoModel
+
     schema = KeypointSchema.from_yaml(args.data)
     print(f"keypoint schema {args.data}: K={schema.num_keypoints}, classes={schema.num_classes}")
     print(f"{'model':<10}{'params':>14}{'strides':>20}")

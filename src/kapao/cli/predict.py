@@ -8,6 +8,7 @@ import sys
 from kapao.engine.predict_job import PredictJob, run_predict_job
 from kapao.engine.predictor import KAPAO, normalize_flips
 from kapao.presets import preset_names
+from kapao.runtime.factory import BACKENDS, PRECISIONS
 from kapao.viz import DrawOptions
 
 # CLI flag -> Preset field; only flags the user gave override the preset
@@ -32,11 +33,15 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
     """Where and how the network runs: shared by predict and val."""
     p.add_argument("--device", default="cpu", help="cpu or cuda:0")
     p.add_argument("--half", action="store_true", help="fp16 inference (CUDA only)")
-    p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "openvino"],
-                   help="onnxruntime/openvino run an exported .onnx (`kapao export`)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                   help="bf16: torch CPU bf16 backbone or OpenVINO bf16 (about 2x faster on AVX512-BF16 CPUs); "
+    p.add_argument("--backend", default="auto", choices=list(BACKENDS),
+                   help="auto (default): on the CPU, torch weights are exported once to a cached ONNX file and run "
+                        "by ONNX Runtime; .onnx runs on ONNX Runtime, .xml on OpenVINO; on CUDA and for TTA, torch")
+    p.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+                   help="bf16: OpenVINO bf16 (or the torch bf16 backbone) on AVX512-BF16 CPUs; int8: an INT8 copy "
+                        "quantized once and cached (OpenVINO INT8 IR when installed), calibrated on --calib images; "
                         "fp32 is stated explicitly to runtimes that would pick bf16 themselves")
+    p.add_argument("--calib", default=None, metavar="FOLDER",
+                   help="images to calibrate --precision int8 on (default: the shipped synthetic scenes)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime/openvino threads (default: one per core)")
 
 
@@ -98,7 +103,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     model = KAPAO(args.weights, device=args.device, half=args.half, backend=args.backend, data=args.data,
-                  precision=args.precision, threads=args.threads)
+                  precision=args.precision, threads=args.threads, calib=args.calib, tta=bool(args.scales or args.flips))
     draw = DrawOptions.from_kwargs(
         bbox=args.bbox, pose=not args.no_pose, face=args.face, kp_bbox=args.kp_bbox, kp_obj=args.kp_obj,
         color_pose=None if args.schema_colors else tuple(args.color_pose),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from kapao.engine.trainer import TrainOptions, parse_flips, train
+from kapao.errors import KapaoError, require_torch
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -45,9 +45,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.data and not args.resume:
-        from kapao.errors import KapaoError
+    require_torch("kapao train")
+    from kapao.engine.trainer import TrainOptions, parse_flips, train
 
+    if not args.data and not args.resume:
         raise KapaoError("--data is required (a data YAML; `kapao synth OUT` makes a small one)")
     opt = TrainOptions(
         data=args.data or "", cfg=args.cfg, weights=args.weights, hyp=args.hyp, imgsz=args.imgsz,

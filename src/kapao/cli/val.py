@@ -5,12 +5,10 @@ from __future__ import annotations
 import argparse
 
 from kapao.cli.predict import add_backend_args, add_threshold_args, threshold_overrides
-from kapao.data.dataset import KeypointDataset, split_source
-from kapao.engine.evaluator import run_validation
-from kapao.engine.predictor import make_backend, normalize_flips
-from kapao.errors import KapaoError
+from kapao.engine.predictor import normalize_flips
+from kapao.errors import KapaoError, require_torch
 from kapao.io.writers import next_run_dir, write_json
-from kapao.runtime.torch_backend import TorchBackend
+from kapao.runtime.factory import create_backend
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -35,9 +33,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    require_torch("kapao val (its dataset loader)")
+    from kapao.data.dataset import KeypointDataset, split_source
+    from kapao.engine.evaluator import run_validation
+
     source = split_source(args.data, args.split)
-    backend = make_backend(args.weights, args.device, args.half, args.backend, args.data, args.precision, args.threads)
-    if (args.scales or args.flips) and not isinstance(backend, TorchBackend):
+    tta = bool(args.scales or args.flips)
+    backend = create_backend(args.weights, args.backend, args.device, args.precision, args.half, args.threads,
+                             args.data, calib=args.calib, tta=tta)
+    if tta and not backend.supports_tta:
         raise KapaoError(f"--scales/--flips (test-time augmentation) run on the fp32 torch backend, not {backend.name}")
     if backend.schema.num_keypoints != source.schema.num_keypoints:
         raise KapaoError(
@@ -51,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     if dataset.ann.summary.num_skipped:
         print(dataset.ann.summary)
     result = run_validation(
-        lambda x, s=None, f=None: backend(x, scales=s, flips=f) if s else backend(x),
+        backend,
         dataset, "val", batch_size=args.batch_size, scales=args.scales, flips=normalize_flips(args.flips),
         workers=args.workers, task=args.task, progress=not args.quiet, evaluator=args.evaluator,
         **threshold_overrides(args),
@@ -66,5 +70,5 @@ def run(args: argparse.Namespace) -> int:
     if args.count_fused:
         names = source.schema.names
         print("fused keypoint objects: " + ", ".join(f"{n} {c}" for n, c in zip(names, result.fused_per_keypoint.tolist())))
-    print(result.speed_line())
+    print(f"{result.speed_line()} (backend {result.backend})")
     return 0

@@ -12,21 +12,21 @@ Two pipelines feed the network:
 the official `scale_coords` does: gain and padding are recomputed from the two shapes (the
 dataloader's own ratio/pad are not used), and by default only the first two keypoints are
 clipped to the image (the official clipping quirk; `clip_all=True` clips every keypoint).
+
+`prepare_input` is the one place that applies a backend's input-shape policy (dynamic: the demo
+letterbox at `imgsz`; fixed: a letterbox to the backend's (H, W)). NumPy and OpenCV only.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TypeVar
+from typing import Any
 
 import cv2
 import numpy as np
-import torch
 
 from kapao.errors import KapaoError
-
-ArrayT = TypeVar("ArrayT", torch.Tensor, np.ndarray)
 
 # ((h0, w0), ((h / h0, w / w0), (pad_w, pad_h))): what the official val dataloader records per image.
 ValShapes = tuple[tuple[int, int], tuple[tuple[float, float], tuple[float, float]]]
@@ -95,14 +95,17 @@ def to_chw_rgb(img_bgr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(img_bgr.transpose(2, 0, 1)[::-1])
 
 
-def to_input_batch(chws: list[np.ndarray]) -> torch.Tensor:
-    """(3, H, W) uint8 images of one shape -> (B, 3, H, W) float32 in [0, 1], bit-equal to the
-    official `torch.from_numpy(x).float() / 255.0` (IEEE division either way). Divided in numpy,
-    not torch: a torch op over a whole image opens an OpenMP region whose worker then busy-waits
-    for milliseconds (libgomp's spin count; ~5 ms on this AMD CPU), holding one of the cores the
-    ONNX Runtime/OpenVINO forward that follows needs (measured here: that forward +6 ms, ~4 %)."""
+def to_input_batch(chws: list[np.ndarray]) -> np.ndarray:
+    """(3, H, W) uint8 images of one shape -> (B, 3, H, W) float32 np.ndarray in [0, 1], bit-equal
+    to the official `torch.from_numpy(x).float() / 255.0` (IEEE division either way). Divided in
+    numpy, not torch: a torch op over a whole image opens an OpenMP region whose worker then
+    busy-waits for milliseconds (libgomp's spin count; ~5 ms on this AMD CPU), holding one of the
+    cores the ONNX Runtime/OpenVINO forward that follows needs (measured: that forward +6 ms, ~4 %).
+    A torch backend wraps it with `torch.from_numpy` (no copy)."""
+    if not len(chws):
+        raise KapaoError("to_input_batch: no images")
     batch = np.stack(chws) if len(chws) > 1 else chws[0][None]
-    return torch.from_numpy(np.divide(batch, np.float32(255.0), dtype=np.float32))
+    return np.divide(batch, np.float32(255.0), dtype=np.float32)
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -124,6 +127,24 @@ def preprocess_demo(
     _check_image(img_bgr, "preprocess_demo")
     imgsz = check_img_size(imgsz, stride)
     out, ratio, pad = letterbox(img_bgr, imgsz, auto=True, scaleup=True, stride=stride)
+    return to_chw_rgb(out), ratio, pad
+
+
+def prepare_input(
+    img_bgr: np.ndarray, imgsz: int, stride: int = 64, fixed_hw: tuple[int, int] | None = None
+) -> tuple[np.ndarray, tuple[float, float], tuple[float, float]]:
+    """A backend's input for one image, by its input-shape policy: (H0, W0, 3) BGR uint8 ->
+    ((3, H, W) RGB uint8, ratio, (dw, dh)).
+
+    fixed_hw None (dynamic-shape backends): `preprocess_demo(img, imgsz, stride)`, H and W the
+    smallest multiples of `stride` holding the image scaled to `imgsz`. fixed_hw (h, w) (a backend
+    exported for one shape): letterbox to exactly (h, w), scaling up allowed, `imgsz` unused.
+    `postprocess` maps either back with the input and original shapes alone.
+    """
+    if fixed_hw is None:
+        return preprocess_demo(img_bgr, imgsz, stride)
+    _check_image(img_bgr, "prepare_input")
+    out, ratio, pad = letterbox(img_bgr, _as_hw(fixed_hw), auto=False, scaleup=True, stride=stride)
     return to_chw_rgb(out), ratio, pad
 
 
@@ -199,55 +220,54 @@ def _gain_pad(input_hw: tuple[int, int], orig_hw: tuple[int, int]) -> tuple[floa
     return gain, (w1 - w0 * gain) / 2, (h1 - h0 * gain) / 2
 
 
-def _to_torch(x: ArrayT) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
+def _as_f32_copy(x: Any) -> np.ndarray:
+    """Array-like -> a new float32 array (torch tensors through their own .cpu().numpy())."""
+    if hasattr(x, "detach") and hasattr(x, "cpu"):
+        x = x.detach().float().cpu().numpy()
+    return np.array(x, dtype=np.float32, copy=True)
 
 
-def _like(t: torch.Tensor, ref: ArrayT) -> ArrayT:
-    return t.numpy() if isinstance(ref, np.ndarray) else t
+def scale_boxes(boxes: Any, input_hw: tuple[int, int], orig_hw: tuple[int, int], clip: bool = True) -> np.ndarray:
+    """(N, 4) xyxy in network-input pixels -> a new (N, 4) float32 array in original-image pixels.
 
-
-def scale_boxes(boxes: ArrayT, input_hw: tuple[int, int], orig_hw: tuple[int, int], clip: bool = True) -> ArrayT:
-    """(N, 4) xyxy in network-input pixels -> a new (N, 4) array in original-image pixels.
-
-    (x - pad) / gain in the input dtype (float32 as the official), then x clamped to [0, w0] and
-    y to [0, h0]. The input is not modified.
+    (x - pad) / gain in float32 (the official torch arithmetic: pad and gain rounded to float32
+    first), then x clamped to [0, w0] and y to [0, h0]. The input is not modified.
     """
-    t = _to_torch(boxes)
-    if t.ndim != 2 or t.shape[-1] != 4:
-        raise KapaoError(f"scale_boxes: expected boxes of shape (N, 4), got {tuple(t.shape)}")
-    gain, pw, ph = _gain_pad(input_hw, orig_hw)
-    out = t.clone()
-    out[:, 0::2] -= pw
-    out[:, 1::2] -= ph
-    out /= gain
-    if clip:
-        out[:, 0::2] = out[:, 0::2].clamp(0, int(orig_hw[1]))
-        out[:, 1::2] = out[:, 1::2].clamp(0, int(orig_hw[0]))
-    return _like(out, boxes)
+    out = _as_f32_copy(boxes)
+    if out.ndim != 2 or out.shape[-1] != 4:
+        raise KapaoError(f"scale_boxes: expected boxes of shape (N, 4), got {tuple(out.shape)}")
+    _unletterbox(out, input_hw, orig_hw, 4 if clip else 0)
+    return out
 
 
 def scale_keypoints(
-    kps: ArrayT, input_hw: tuple[int, int], orig_hw: tuple[int, int], clip_all: bool = False
-) -> ArrayT:
-    """(N, 2K) flat (x, y) pairs or (N, K, 2) in network-input pixels -> a new array of the same
-    shape in original-image pixels.
+    kps: Any, input_hw: tuple[int, int], orig_hw: tuple[int, int], clip_all: bool = False
+) -> np.ndarray:
+    """(N, 2K) flat (x, y) pairs or (N, K, 2) in network-input pixels -> a new float32 array of
+    the same shape in original-image pixels.
 
     Same mapping as `scale_boxes`. Clipping reproduces the official code by default: its
     `clip_coords` clamps only columns 0..3 of the flat array, i.e. keypoints 0 and 1 (x to
     [0, w0], y to [0, h0]); the others may lie outside the image. `clip_all=True` clips them all.
     """
-    t = _to_torch(kps)
-    shape = t.shape
-    if not ((t.ndim == 2 and shape[1] % 2 == 0) or (t.ndim == 3 and shape[2] == 2)):
+    out = _as_f32_copy(kps)
+    shape = out.shape
+    if not ((out.ndim == 2 and shape[1] % 2 == 0) or (out.ndim == 3 and shape[2] == 2)):
         raise KapaoError(f"scale_keypoints: expected (N, 2K) or (N, K, 2) keypoints, got {tuple(shape)}")
+    flat = out.reshape(shape[0], int(np.prod(shape[1:])))  # a view of `out`
+    _unletterbox(flat, input_hw, orig_hw, flat.shape[1] if clip_all else min(4, flat.shape[1]))
+    return out
+
+
+def _unletterbox(xy: np.ndarray, input_hw: tuple[int, int], orig_hw: tuple[int, int], n_clip: int) -> None:
+    """In place on (N, 2M) float32 (x, y) columns: x -= pad_w, y -= pad_h, /= gain, each with the
+    scalar rounded to float32 as torch does for a Python scalar; then the first n_clip columns are
+    clamped (x to [0, w0], y to [0, h0])."""
     gain, pw, ph = _gain_pad(input_hw, orig_hw)
-    out = t.reshape(shape[0], shape[1] * (shape[2] if t.ndim == 3 else 1)).clone()
-    out[:, 0::2] -= pw
-    out[:, 1::2] -= ph
-    out /= gain
-    h0, w0 = int(orig_hw[0]), int(orig_hw[1])
-    n_clip = out.shape[1] if clip_all else min(4, out.shape[1])
-    out[:, 0:n_clip:2] = out[:, 0:n_clip:2].clamp(0, w0)
-    out[:, 1:n_clip:2] = out[:, 1:n_clip:2].clamp(0, h0)
-    return _like(out.reshape(shape), kps)
+    xy[:, 0::2] -= np.float32(pw)
+    xy[:, 1::2] -= np.float32(ph)
+    xy /= np.float32(gain)
+    h0, w0 = np.float32(int(orig_hw[0])), np.float32(int(orig_hw[1]))
+    zero = np.float32(0)
+    xy[:, 0:n_clip:2] = np.minimum(np.maximum(xy[:, 0:n_clip:2], zero), w0)
+    xy[:, 1:n_clip:2] = np.minimum(np.maximum(xy[:, 1:n_clip:2], zero), h0)

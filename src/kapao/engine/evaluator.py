@@ -6,8 +6,8 @@ Used by `kapao val` and by training (each epoch), so both report the same number
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +16,13 @@ import torch
 from tqdm import tqdm
 
 from kapao.data.dataset import KeypointDataset, create_dataloader
+from kapao.data.letterbox import to_input_batch
 from kapao.engine.metrics import KeypointMetrics, evaluate_keypoints
 from kapao.engine.predictor import StageTimes, normalize_flips
 from kapao.errors import KapaoError
 from kapao.postprocess import postprocess_dets, run_nms
 from kapao.presets import Preset, get_preset
-
-# backend(x (B, 3, H, W) float in [0, 1], scales, flips) -> (B, N, 5 + nc + 2K) decoded predictions
-Backend = Callable[..., torch.Tensor]
+from kapao.runtime.base import Backend
 
 
 @dataclass
@@ -34,26 +33,52 @@ class ValResult:
     fused_per_keypoint: np.ndarray  # (K,) keypoint objects fused into poses, per keypoint type
     num_images: int
     outputs: list[Path] = field(default_factory=list)
+    backend: str = ""  # the runtime's name, as printed and stored in metrics.json
 
     def speed_line(self) -> str:
         per = self.times.per_image()
         return "Speed ms/image: " + ", ".join(f"{k} {v:.1f}" for k, v in per.items())
 
 
-def model_backend(model: torch.nn.Module) -> Backend:
-    """A backend over a plain KapaoModel (e.g. the EMA model during training), in eval mode."""
+class ModelBackend:
+    """The Backend over a plain KapaoModel (e.g. the EMA model during training), unfused, run in
+    eval mode and put back in its previous mode after each call; TTA as the torch backend."""
+
+    fixed_hw: tuple[int, int] | None = None
+    default_imgsz: int | None = None
+    supports_tta = True
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.schema = model.schema
+        self.stride = int(model.max_stride)
+        self.precision = "fp32"
+        self.name = "torch-model"
 
     @torch.no_grad()
-    def run(x: torch.Tensor, scales: Sequence[float] | None = None, flips: Sequence[int | None] | None = None) -> torch.Tensor:
-        was_training = model.training
-        model.eval()
-        p = next(model.parameters())
-        x = x.to(p.device, p.dtype)
-        out = model(x, augment=True, scales=scales, flips=flips) if scales else model(x)
-        model.train(was_training)
-        return out.float()
+    def _run(self, x: np.ndarray, scales: Sequence[float] | None, flips: Sequence[int | None] | None) -> np.ndarray:
+        from kapao.runtime.torch_backend import as_array, as_tensor
 
-    return run
+        was_training = self.model.training
+        self.model.eval()
+        p = next(self.model.parameters())
+        t = as_tensor(x, p.device, p.dtype)
+        try:
+            out = self.model(t, augment=True, scales=scales, flips=flips) if scales else self.model(t)
+        finally:
+            self.model.train(was_training)
+        return as_array(out)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self._run(x, None, None)
+
+    def augmented(self, x: np.ndarray, scales: Sequence[float], flips: Sequence[int | None]) -> np.ndarray:
+        return self._run(x, scales, flips)
+
+
+def model_backend(model: torch.nn.Module) -> Backend:
+    """A Backend over a plain KapaoModel (see ModelBackend)."""
+    return ModelBackend(model)
 
 
 def image_ids_in_order(dataset: KeypointDataset) -> np.ndarray:
@@ -99,9 +124,9 @@ def run_validation(
     for imgs, _labels, _paths, shapes in bar:
         t0 = time.perf_counter()
         times.add("read", t0 - t_read)
-        x = imgs.float() / 255.0
+        x = to_input_batch(list(imgs.numpy()))
         t1 = time.perf_counter()
-        pred = backend(x, scales, flips) if scales else backend(x)
+        pred = backend.augmented(x, scales, flips) if scales else backend(x)
         t2 = time.perf_counter()
         if pred.shape[-1] != 6 + 3 * k:
             raise KapaoError(
@@ -126,4 +151,5 @@ def run_validation(
     metrics = None
     if task == "val":
         metrics = evaluate_keypoints(dataset.ann.json_path, results, schema, image_ids=[int(i) for i in ids], evaluator=evaluator)
-    return ValResult(results, metrics, times, fused, seen)
+        metrics = replace(metrics, backend=backend.name)
+    return ValResult(results, metrics, times, fused, seen, backend=backend.name)

@@ -58,6 +58,7 @@ class KeypointMetrics:
     sigmas: tuple[float, ...] = ()
     seconds: float = 0.0  # the evaluator's own time (evaluate + accumulate + summarize)
     notes: tuple[str, ...] = field(default=())
+    backend: str = ""  # the runtime that made the predictions, when the caller knows it
 
     @property
     def ap(self) -> float:
@@ -89,6 +90,7 @@ class KeypointMetrics:
             "sigmas": list(self.sigmas),
             "seconds": self.seconds,
             "notes": list(self.notes),
+            "backend": self.backend,
         }
 
     def table(self) -> str:

@@ -60,10 +60,12 @@ class PredictSummary:
     outputs: list[Path] = field(default_factory=list)
     errors: list[SourceError] = field(default_factory=list)
     seconds: float = 0.0
+    backend: str = ""
 
     def report(self) -> str:
+        on = f" on {self.backend}" if self.backend else ""
         lines = [
-            f"{self.images} image(s), {self.frames} video frame(s), {self.persons} person(s) in {self.seconds:.1f} s",
+            f"{self.images} image(s), {self.frames} video frame(s), {self.persons} person(s) in {self.seconds:.1f} s{on}",
             *(f"saved {p}" for p in self.outputs),
             *(f"error: {e}" for e in self.errors),
         ]
@@ -106,7 +108,7 @@ def run_predict_job(model: KAPAO, job: PredictJob) -> PredictSummary:
     errors: list[SourceError] = []
     items = resolve_source(job.source, errors)
     run_dir = next_run_dir(job.project, job.name, job.exist_ok)
-    summary = PredictSummary(run_dir, errors=errors)
+    summary = PredictSummary(run_dir, errors=errors, backend=model.backend.name)
     all_poses: list[Poses] = []
     csv_rows: list[list[Any]] = []
     coco: list[dict[str, Any]] = []

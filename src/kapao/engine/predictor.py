@@ -1,7 +1,7 @@
 """The Python API: `KAPAO(weights)(source)` -> Poses, with the official demo pre/post-processing.
 
     from kapao import KAPAO
-    model = KAPAO("kapao_s_coco.pt", device="cpu")
+    model = KAPAO("kapao_s_coco.pt")      # auto: exported once to a cached ONNX, run by ONNX Runtime
     poses = model("img.jpg", imgsz=1280, preset="demo")        # one image -> Poses
     many = model(["a.jpg", "b.jpg"])                            # list -> list[Poses]
     for poses in model("video.mp4"): ...                        # video -> generator of Poses
@@ -17,18 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from kapao.data.letterbox import preprocess_demo, to_input_batch
+from kapao.data.letterbox import prepare_input, to_input_batch
 from kapao.errors import KapaoError
 from kapao.io.sources import Frame, SourceError, SourceItem, iter_frames, read_image, resolve_source
 from kapao.postprocess import postprocess
 from kapao.presets import Preset, get_preset
 from kapao.results import Poses
-from kapao.runtime.torch_backend import TorchBackend
+from kapao.runtime.base import Backend, no_tta
+from kapao.runtime.factory import DEFAULT_IMGSZ, create_backend
 from kapao.schema import KeypointSchema
-
-DEFAULT_IMGSZ = 1280  # the official models' input size
 
 
 @dataclass
@@ -58,62 +56,6 @@ def normalize_flips(flips: Sequence[int | None] | None) -> list[int | None] | No
     return [None if (f is None or int(f) == -1) else int(f) for f in flips]
 
 
-BACKENDS = ("torch", "onnxruntime", "openvino")
-PRECISIONS = ("fp32", "bf16")
-
-
-def make_backend(
-    weights: str | Path | None,
-    device: str,
-    half: bool,
-    backend: str,
-    data: str | None,
-    precision: str = "fp32",
-    threads: int | None = None,
-):
-    """The inference backend for a weights file/name (torch) or an exported .onnx (onnxruntime,
-    openvino). precision "bf16": torch (CPU) runs a bf16 backbone, openvino its bf16 mode; "fp32"
-    asks every runtime for IEEE fp32 where it would otherwise pick bf16 by itself."""
-    schema = KeypointSchema.from_yaml(data) if data else None
-    if backend not in BACKENDS:
-        raise KapaoError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
-    if precision not in PRECISIONS:
-        raise KapaoError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
-    on_cuda = str(device).startswith("cuda")
-    suffix = Path(str(weights)).suffix if weights is not None else ""
-    if backend == "torch" and suffix in (".onnx", ".xml"):
-        backend = "onnxruntime" if suffix == ".onnx" else "openvino"  # an exported file needs a graph runtime
-    if backend in ("onnxruntime", "openvino"):
-        if suffix == ".xml" and backend == "onnxruntime":
-            raise KapaoError(f"{weights}: an OpenVINO IR runs on --backend openvino, not onnxruntime")
-        if suffix not in (".onnx", ".xml"):
-            raise KapaoError(f"--backend {backend} needs --weights MODEL.onnx (make one with `kapao export`)")
-        if backend == "openvino":
-            from kapao.runtime.openvino_backend import OpenVinoBackend
-
-            return OpenVinoBackend(str(weights), precision=precision, device="gpu" if on_cuda else "cpu", threads=threads)
-        if precision != "fp32":
-            raise KapaoError("--precision bf16 is for the torch and openvino backends; for onnxruntime export an --int8 file")
-        from kapao.runtime.onnx_backend import OnnxBackend
-
-        return OnnxBackend(str(weights), providers="cuda" if on_cuda else "cpu", threads=threads)
-    from kapao import weights as weights_lib
-
-    model, meta = weights_lib.load(weights if weights is not None else weights_lib.default_weights(), device="cpu", schema=schema)
-    if precision == "bf16":
-        if on_cuda:
-            raise KapaoError("--precision bf16 is the CPU path; on CUDA use --half")
-        from kapao.runtime.torch_cpu import CpuTorchBackend
-
-        runner = CpuTorchBackend(model, "bf16")
-    else:
-        runner = TorchBackend(model, device=device, half=half)
-    # the size the weights were trained for: the shipped model's recipe, or the registry's (1280)
-    trained = (meta.info or {}).get("recipe", {}).get("imgsz") or (meta.registry.input_size if meta.registry else None)
-    runner.default_imgsz = int(trained) if trained else DEFAULT_IMGSZ
-    return runner
-
-
 class KAPAO:
     """A loaded KAPAO model with the official pre- and post-processing around it."""
 
@@ -122,16 +64,36 @@ class KAPAO:
         weights: str | Path | None = None,
         device: str = "cpu",
         half: bool = False,
-        backend: str = "torch",
+        backend: str = "auto",
         data: str | None = None,
         precision: str = "fp32",
         threads: int | None = None,
+        calib: str | Path | Sequence[str | Path] | None = None,
+        tta: bool = False,
+        quiet: bool = False,
     ):
-        self.backend = make_backend(weights, device, half, backend, data, precision, threads)
+        """weights: a file (official .pt, kapao .safetensors, exported .onnx / OpenVINO .xml), a
+        registry name, or None for the shipped model. backend: "auto" (the fastest runtime here,
+        see `kapao.runtime.factory`), "torch", "onnxruntime" or "openvino". precision: "fp32",
+        "bf16" or "int8" (INT8 calibrated on `calib` images, else on the shipped scenes). tta:
+        test-time augmentation will be used (auto then picks torch, the backend that runs it)."""
+        self._factory_args = dict(weights=weights, device=device, half=half, data=data, threads=threads, quiet=quiet)
+        self._auto = backend == "auto"
+        self.backend: Backend = create_backend(backend=backend, precision=precision, calib=calib, tta=tta, **self._factory_args)
+        self._tta_backend: Backend | None = self.backend if self.backend.supports_tta else None
         self.schema: KeypointSchema = self.backend.schema
         self.stride: int = int(self.backend.stride)
-        self.default_imgsz: int = int(getattr(self.backend, "default_imgsz", DEFAULT_IMGSZ))
+        self.default_imgsz: int = int(self.backend.default_imgsz or DEFAULT_IMGSZ)
         self.times = StageTimes()
+
+    def tta_backend(self) -> Backend:
+        """The backend that runs test-time augmentation: this one if it can, else (auto only) the
+        torch backend for the same weights, created on first use."""
+        if self._tta_backend is None:
+            if not self._auto:
+                no_tta(self.backend)
+            self._tta_backend = create_backend(backend="auto", tta=True, **self._factory_args)
+        return self._tta_backend
 
     # -- core: arrays in, Poses out --------------------------------------------------------------
 
@@ -155,22 +117,14 @@ class KAPAO:
             flips = [None] * len(scales)
         if flips is not None and scales is None:
             scales = [1.0] * len(flips)
-        if scales is not None and not isinstance(self.backend, TorchBackend):
-            raise KapaoError(f"test-time augmentation (scales/flips) runs on the fp32 torch backend, not {self.backend.name}")
+        backend = self.tta_backend() if scales is not None else self.backend
         results: list[Poses | None] = [None] * len(images)
         prepared = []
         t0 = time.perf_counter()
         for i, img in enumerate(images):
             if not isinstance(img, np.ndarray) or img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
                 raise KapaoError(f"image {i}: expected a BGR uint8 array (H, W, 3), got {getattr(img, 'shape', type(img))}")
-            if self.backend.fixed_hw is not None:
-                from kapao.data.letterbox import letterbox, to_chw_rgb
-
-                lb, _, _ = letterbox(img, self.backend.fixed_hw, auto=False, scaleup=True, stride=self.stride)
-                chw = to_chw_rgb(lb)
-            else:
-                chw, _, _ = preprocess_demo(img, imgsz, self.stride)
-            prepared.append(chw)
+            prepared.append(prepare_input(img, imgsz, self.stride, backend.fixed_hw)[0])
         self.times.add("pre", time.perf_counter() - t0)
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, chw in enumerate(prepared):
@@ -180,7 +134,7 @@ class KAPAO:
                 chunk = idx[start : start + batch_size]
                 t0 = time.perf_counter()
                 x = to_input_batch([prepared[i] for i in chunk])
-                pred = self.backend(x, scales=scales, flips=flips) if scales else self.backend(x)
+                pred = backend.augmented(x, scales, flips) if scales else backend(x)
                 t1 = time.perf_counter()
                 out = postprocess(
                     pred, params, tuple(shape), [images[i].shape[:2] for i in chunk], self.schema,
@@ -190,6 +144,7 @@ class KAPAO:
                 self.times.add("forward", t1 - t0)
                 self.times.add("post", t2 - t1)
                 for i, poses in zip(chunk, out):
+                    poses.backend = backend.name
                     results[i] = poses
         self.times.images += len(images)
         return results  # type: ignore[return-value]

@@ -20,11 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from kapao.data.letterbox import letterbox, preprocess_demo, read_image, to_chw_rgb, to_input_batch
+from kapao.data.letterbox import prepare_input, read_image, to_input_batch
 from kapao.errors import KapaoError
 from kapao.models.kapao import KapaoModel
 from kapao.postprocess import postprocess
 from kapao.results import Poses
+from kapao.runtime.base import Backend
 from kapao.schema import KeypointSchema
 
 # torch-eager: unfused, NCHW; torch-fused: BN folded; torch-cl: fused + channels-last;
@@ -37,6 +38,7 @@ BACKEND_PRECISION = {
     "torch-bf16": "bf16", "ov-bf16": "bf16", "ort-int8": "int8", "ov-int8": "int8",
 }
 STAGES = ("read", "pre", "forward", "post")
+RECALL_OKS = 0.5  # a pose counts as found again when its best partner has at least this OKS
 BUSY_WAIT_S = 0.05  # idle time after an untimed torch step before timing resumes
 
 
@@ -52,6 +54,8 @@ class BenchRow:
     poses: int
     mean_oks: float | None = None  # vs the reference backend's poses (unmatched = 0); None for the reference
     matched_oks: float | None = None  # mean OKS of the matched pairs only
+    # share of the reference's poses that this backend also finds (a partner with OKS >= 0.5)
+    recall: float | None = None
     # the forward-time bound of these images at this row's precision, from conv-bound runs
     # interleaved with the row's timed passes (the machine's speed drifts; a ratio needs both
     # sides measured in the same minutes); None when not measured
@@ -112,18 +116,13 @@ def mean_pose_oks(refs: Sequence[Poses], others: Sequence[Poses], sigmas: Sequen
     return float(sum(matched) / n) if n else 1.0
 
 
-def preprocess(img_bgr: np.ndarray, imgsz: int, backend: Any) -> torch.Tensor:
-    """The predictor's input: demo letterbox (minimal multiple-of-stride rectangle) or, for a
-    fixed-size graph, letterbox to exactly its size -> (1, 3, H, W) float32 in [0, 1]."""
-    if backend.fixed_hw is not None:
-        chw = to_chw_rgb(letterbox(img_bgr, backend.fixed_hw, auto=False, scaleup=True)[0])
-    else:
-        chw = preprocess_demo(img_bgr, imgsz, backend.stride)[0]
-    return to_input_batch([chw])
+def preprocess(img_bgr: np.ndarray, imgsz: int, backend: Backend) -> np.ndarray:
+    """The predictor's input for this backend's shape policy -> (1, 3, H, W) float32 in [0, 1]."""
+    return to_input_batch([prepare_input(img_bgr, imgsz, backend.stride, backend.fixed_hw)[0]])
 
 
 def time_backend(
-    backend: Callable[[torch.Tensor], torch.Tensor],
+    backend: Backend,
     files: Sequence[Path],
     imgsz: int,
     schema: KeypointSchema,
@@ -169,6 +168,13 @@ def time_backend(
     return {k: float(np.median([m[k] for m in per_round])) for k in STAGES}, poses
 
 
+# benchmark row -> (create_backend backend, precision) for the rows that run an exported graph
+GRAPH_ROWS = {
+    "ort-fp32": ("onnxruntime", "fp32"), "ov-fp32": ("openvino", "fp32"), "ov-bf16": ("openvino", "bf16"),
+    "ort-int8": ("onnxruntime", "int8"), "ov-int8": ("openvino", "int8"),
+}
+
+
 def build_backend(
     name: str,
     model: KapaoModel,
@@ -176,11 +182,13 @@ def build_backend(
     workdir: Path,
     threads: int,
     calib_images: str | Path | Sequence[str | Path] | None = None,
-) -> Any:
-    """One named backend for `model` (copied, never modified). ONNX files are exported dynamic
-    (rect inputs, as the demo letterbox makes) into `workdir`; int8 is calibrated on `calib_images`."""
+) -> Backend:
+    """One named backend for `model` (copied, never modified). The graph rows go through
+    `create_backend` exactly as `kapao predict --backend ... --precision ...` does (weights saved
+    once into `workdir`, exported and quantized through the export cache); the torch rows are the
+    torch-layer variants the benchmark compares them with (eager as the official demo, fused,
+    channels-last, bf16 backbone)."""
     from kapao.runtime.torch_backend import TorchBackend
-
     from kapao.runtime.torch_cpu import CpuTorchBackend, ExactFp32Backend
 
     m = copy.deepcopy(model).float().eval()
@@ -192,42 +200,18 @@ def build_backend(
         return CpuTorchBackend(m, "fp32")
     if name == "torch-bf16":
         return CpuTorchBackend(m, "bf16")
-    if name.startswith(("ort-", "ov-")):
-        from kapao.runtime.export import GRAPH_REVISION, export_onnx
-        from kapao.runtime.onnx_backend import OnnxBackend
+    if name in GRAPH_ROWS:
+        from kapao.runtime.factory import create_backend
+        from kapao.weights.checkpoint import save
 
-        fp32 = workdir / f"{model.cfg.name}-{weights_digest(model)}-g{GRAPH_REVISION}-{imgsz}-dynamic.onnx"
-        if not fp32.is_file():
-            export_onnx(m.fuse(), fp32, imgsz, dynamic=True)
-        from kapao.runtime.openvino_backend import OpenVinoBackend
-
-        if name in ("ov-fp32", "ov-bf16"):
-            return OpenVinoBackend(fp32, precision=name[3:], threads=threads)
-        if name == "ort-fp32":
-            return OnnxBackend(fp32, threads=threads, exact=True)
-        from kapao.runtime.quantize import quantize_int8
-
-        if calib_images is None:
+        if GRAPH_ROWS[name][1] == "int8" and calib_images is None:
             raise KapaoError(f"{name} needs calibration images (a folder of real photos)")
-        tag = _calibration_tag(calib_images)
-        if name == "ov-int8":
-            from kapao.runtime.openvino_quantize import quantize_openvino_int8
-
-            ir = fp32.with_name(f"{fp32.stem}-int8-{tag}-bc.xml")  # -bc: full bias correction
-            if not ir.is_file():
-                quantize_openvino_int8(fp32, ir, calib_images)
-            return OpenVinoBackend(ir, threads=threads)
-        int8 = fp32.with_name(f"{fp32.stem}-int8-{tag}-qoperator.onnx")
-        if not int8.is_file():
-            quantize_int8(fp32, int8, calib_images, quant_format="qoperator")
-        return OnnxBackend(int8, threads=threads)
+        weights = workdir / f"{model.cfg.name}-{weights_digest(model)}-{imgsz}.safetensors"
+        if not weights.is_file():
+            save(m, weights, info={"recipe": {"imgsz": imgsz}}, half=False)
+        runtime, precision = GRAPH_ROWS[name]
+        return create_backend(weights, runtime, precision=precision, threads=threads, calib=calib_images, quiet=True)
     raise KapaoError(f"benchmark backend {name!r}: choose from {', '.join(BACKENDS)}")
-
-
-def _calibration_tag(images: str | Path | Sequence[str | Path]) -> str:
-    """A short digest of the calibration image list: cached INT8 files belong to their images."""
-    names = [str(images)] if isinstance(images, (str, Path)) else sorted(str(p) for p in images)
-    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:8]
 
 
 def weights_digest(model: KapaoModel) -> str:
@@ -302,9 +286,9 @@ def _best_time(fn: Callable[[], Any], repeats: int) -> float:
 def _int8_conv_session(channels: int, size: int, threads: int) -> tuple[Any, dict[str, np.ndarray]]:
     from onnx import TensorProto, helper, numpy_helper
 
-    from kapao.runtime.onnx_backend import _import_ort, session_options
+    from kapao.runtime.onnx_backend import import_onnxruntime, session_options
 
-    ort = _import_ort()
+    ort = import_onnxruntime()
     rng = np.random.default_rng(0)
     w = rng.integers(-127, 128, size=(channels, channels, 3, 3), dtype=np.int8)
     inits = [
@@ -392,6 +376,8 @@ def _run_benchmark(
                 n = len(matched) + unmatched
                 row.mean_oks = float(sum(matched) / n) if n else 1.0
                 row.matched_oks = float(np.mean(matched)) if matched else None
+                n_ref = sum(len(p) for p in ref_poses)
+                row.recall = sum(o >= RECALL_OKS for o in matched) / n_ref if n_ref else 1.0
             rows.append(row)
             if log:
                 log(format_row(row))
@@ -450,7 +436,7 @@ def format_header() -> str:
     cols = "".join(f"{s + ' ms':>11}" for s in STAGES)
     return (
         f"{'backend':<14}{'imgsz':>6}{'thr':>4}{cols}{'total ms':>10}{'img/s':>8}{'poses':>7}"
-        f"{'OKS vs ref':>11}{'matched':>9}{'x bound':>9}"
+        f"{'OKS vs ref':>11}{'matched':>9}{'recall':>8}{'x bound':>9}"
     )
 
 
@@ -458,10 +444,11 @@ def format_row(r: BenchRow) -> str:
     cols = "".join(f"{r.ms[s]:>11.1f}" for s in STAGES)
     oks = "ref" if r.mean_oks is None else f"{r.mean_oks:.4f}"
     matched = "" if r.matched_oks is None else f"{r.matched_oks:.4f}"
+    recall = "" if r.recall is None else f"{r.recall:.3f}"
     ratio = "" if r.bound_ratio is None else f"{r.bound_ratio:.2f}"
     return (
         f"{r.backend:<14}{r.imgsz:>6}{r.threads:>4}{cols}{r.total_ms:>10.1f}{r.images_per_s:>8.2f}{r.poses:>7}"
-        f"{oks:>11}{matched:>9}{ratio:>9}"
+        f"{oks:>11}{matched:>9}{recall:>8}{ratio:>9}"
     )
 
 

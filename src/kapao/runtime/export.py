@@ -15,7 +15,6 @@ import json
 import os
 import tempfile
 import warnings
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,15 +25,20 @@ from torch import nn
 from kapao.errors import KapaoError
 from kapao.io.writers import write_json
 from kapao.models.kapao import KapaoModel
-from kapao.schema import KeypointSchema
+from kapao.runtime.metadata import (
+    GRAPH_REVISION,
+    INPUT_NAME,
+    METADATA_KEY,
+    METADATA_VERSION,
+    OUTPUT_NAME,
+    check_graph_input,
+    output_columns,
+    read_metadata,
+    schema_from_metadata,
+    set_onnx_metadata,
+    sidecar_path,
+)
 
-METADATA_KEY = "kapao"
-METADATA_VERSION = 1
-# bumped whenever the exported graph changes for the same weights (2: elementwise map decode);
-# files cached by it (e.g. the benchmark's exports) are then rebuilt
-GRAPH_REVISION = 2
-INPUT_NAME = "images"
-OUTPUT_NAME = "output"
 FORMATS = ("onnx", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript"}
 
@@ -55,26 +59,6 @@ def normalize_imgsz(imgsz: int | Sequence[int], stride: int) -> tuple[int, int]:
                 f"imgsz {hw[0]}x{hw[1]}: {v} is not a positive multiple of the model stride {stride}; use {up}"
             )
     return hw
-
-
-def check_graph_input(path: str | Path, x: torch.Tensor, fixed_hw: tuple[int, int] | None) -> None:
-    """The input checks every exported-graph runtime makes before it runs: (B, 3, H, W), and the
-    graph's own size when it was exported fixed."""
-    if x.ndim != 4 or x.shape[1] != 3:
-        raise KapaoError(f"{path}: input must be (B, 3, H, W), got {tuple(x.shape)}")
-    if fixed_hw and tuple(x.shape[2:]) != fixed_hw:
-        h, w = fixed_hw
-        raise KapaoError(
-            f"{path}: this graph is fixed to {h}x{w} but got {x.shape[2]}x{x.shape[3]}; "
-            f"letterbox to {h}x{w} or export with --dynamic"
-        )
-
-
-def output_columns(schema: KeypointSchema) -> list[str]:
-    """Names of the 5 + nc + 2K output columns: box, objectness, class scores, keypoint coordinates."""
-    cls = ["cls_person"] + [f"cls_{n}" for n in schema.names]
-    kps = [f"{n}_{c}" for n in schema.names for c in ("x", "y")]
-    return ["cx", "cy", "w", "h", "obj", *cls, *kps]
 
 
 def export_metadata(
@@ -119,82 +103,6 @@ def export_metadata(
             "rows": "level (strides ascending), anchor, grid y, grid x",
         },
     }
-
-
-def sidecar_path(path: str | Path) -> Path:
-    """`model.onnx` -> `model.onnx.json`."""
-    path = Path(path)
-    return path.with_name(path.name + ".json")
-
-
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """Metadata of an exported file: embedded (ONNX metadata_props / TorchScript extra file /
-    OpenVINO IR rt_info) if present, else the sidecar. Raises KapaoError when neither exists or it
-    is not valid JSON."""
-    path = Path(path)
-    if not path.is_file():
-        raise KapaoError(f"{path}: no such file; export one with `kapao export --format onnx`")
-    text, where = None, str(path)
-    if path.suffix == ".onnx":
-        text = _onnx_embedded(path)
-    elif path.suffix in (".torchscript", ".pt", ".ts"):
-        text = _torchscript_embedded(path)
-    elif path.suffix == ".xml":
-        text = _openvino_embedded(path)
-    if text is None:
-        side = sidecar_path(path)
-        if not side.is_file():
-            raise KapaoError(
-                f"{path}: no kapao metadata inside the file and no sidecar {side.name}; "
-                "re-export it with `kapao export` (it writes both)"
-            )
-        text, where = side.read_text(), str(side)
-    try:
-        meta = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise KapaoError(f"{where}: kapao metadata is not valid JSON ({e}); re-export the model") from None
-    if not isinstance(meta, dict) or "schema" not in meta or "stride" not in meta:
-        raise KapaoError(f"{where}: kapao metadata lacks 'schema'/'stride'; re-export the model with `kapao export`")
-    return meta
-
-
-def _onnx_embedded(path: Path) -> str | None:
-    try:
-        import onnx
-    except ImportError:
-        return None  # the sidecar carries the same; onnx is only needed to write files
-    try:
-        m = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # protobuf DecodeError and friends
-        raise KapaoError(f"{path}: not a valid ONNX file ({type(e).__name__}); export it again with `kapao export`") from None
-    for prop in m.metadata_props:
-        if prop.key == METADATA_KEY:
-            return prop.value
-    return None
-
-
-def _openvino_embedded(path: Path) -> str | None:
-    """The `<rt_info><kapao value=.../>` entry of an OpenVINO IR .xml, read without OpenVINO."""
-    import xml.etree.ElementTree as ET
-
-    try:
-        entry = ET.parse(path).getroot().find(f"rt_info/{METADATA_KEY}")
-    except ET.ParseError as e:
-        raise KapaoError(f"{path}: not a valid OpenVINO IR ({e}); export it again with `kapao export`") from None
-    return None if entry is None else entry.get("value")
-
-
-def _torchscript_embedded(path: Path) -> str | None:
-    """The `kapao.json` extra file of a TorchScript archive (a zip: `<name>/extra/kapao.json`),
-    read without loading the module."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            for name in z.namelist():
-                if name.endswith("/extra/kapao.json"):
-                    return z.read(name).decode("utf-8")
-    except zipfile.BadZipFile:
-        return None
-    return None
 
 
 class _Exported(nn.Module):
@@ -252,6 +160,8 @@ def export_onnx(
     half: bool = False,
     simplify: bool = False,
     opset: int = 17,
+    extra_metadata: dict[str, Any] | None = None,
+    compact: bool = False,
 ) -> Path:
     """Write `model` (network + decode) as ONNX to `path` plus the sidecar `path.json`; returns `path`.
 
@@ -259,15 +169,24 @@ def export_onnx(
     is fixed to (1, 3, H, W) and the decode grids are constants. half: fp16 network for GPU
     runtimes (input and output stay float32, the decode fp32). simplify: constant-fold and fuse with ONNX Runtime's portable basic-level
     optimiser. The decode is written with concatenation, so the graph has no ScatterND.
+    extra_metadata: more entries for the metadata (e.g. `default_imgsz`, the size the weights were
+    trained at, which runtimes use when the caller gives none).
+    compact: lossless half-size file for fp32 graphs of fp16-stored weights: BatchNorm is kept as
+    nodes instead of folded into the convs, and every weight exact in fp16 is stored as fp16 + Cast
+    (`kapao.runtime.onnx_compact`); ONNX Runtime folds the Casts and the BatchNorms at load.
     """
     try:
         import onnx
     except ImportError:
         raise KapaoError("ONNX export needs the onnx package: pip install 'kapao[onnx]'") from None
     _check_model(model)
+    if compact and (half or simplify):
+        raise KapaoError("compact stores an fp32 graph with BatchNorm unfolded; it does not go with half or simplify")
     path = Path(path)
     hw = normalize_imgsz(imgsz, model.max_stride)
-    wrapped, device = _prepare(model, half, fuse=False)  # the exporter folds BN into the convs
+    wrapped, device = _prepare(model, half, fuse=False)  # the exporter folds BN into the convs (unless compact)
+    # PRESERVE on the eval-mode model: inference graph, but the eval peephole pass that folds BN is skipped
+    mode = {"training": torch.onnx.TrainingMode.PRESERVE} if compact else {}
     x = torch.zeros(1, 3, *hw, device=device)
     axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: {0: "batch", 1: "rows"}} if dynamic else None
     tmp = _temp_beside(path)
@@ -286,11 +205,16 @@ def export_onnx(
                 output_names=[OUTPUT_NAME],
                 dynamic_axes=axes,
                 do_constant_folding=True,
+                **mode,
             )
         if simplify:
             _ort_simplify(tmp)
         proto = onnx.load(str(tmp))
-        meta = export_metadata(model, hw, "onnx", dynamic, "fp16" if half else "fp32", opset)
+        if compact:
+            from kapao.runtime.onnx_compact import compact_fp16_initializers
+
+            compact_fp16_initializers(proto)
+        meta = {**export_metadata(model, hw, "onnx", dynamic, "fp16" if half else "fp32", opset), **(extra_metadata or {})}
         set_onnx_metadata(proto, meta)
         onnx.save(proto, str(tmp))
         os.replace(tmp, path)
@@ -298,15 +222,6 @@ def export_onnx(
         tmp.unlink(missing_ok=True)
     write_json(sidecar_path(path), meta, indent=1)
     return path
-
-
-def set_onnx_metadata(proto: Any, meta: dict[str, Any]) -> None:
-    """Put `meta` (JSON) under metadata_props['kapao'] of an onnx.ModelProto, replacing any old entry."""
-    keep = [p for p in proto.metadata_props if p.key != METADATA_KEY]
-    del proto.metadata_props[:]
-    proto.metadata_props.extend(keep)
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, json.dumps(meta)
 
 
 def _ort_simplify(path: Path) -> None:
@@ -363,15 +278,21 @@ def export(
     half: bool = False,
     simplify: bool = False,
     opset: int = 17,
+    compact: bool = False,
+    extra_metadata: dict[str, Any] | None = None,
 ) -> Path:
-    """Dispatch to `export_onnx` / `export_torchscript` by format name."""
+    """Dispatch to `export_onnx` / `export_torchscript` by format name (extra_metadata: ONNX only)."""
     if fmt == "onnx":
-        return export_onnx(model, path, imgsz, dynamic, half, simplify, opset)
+        return export_onnx(model, path, imgsz, dynamic, half, simplify, opset, extra_metadata=extra_metadata, compact=compact)
+    if compact:
+        raise KapaoError("compact (lossless fp16 weight storage) is an ONNX option; use it with format onnx")
     if fmt == "torchscript":
         return export_torchscript(model, path, imgsz, half)
     raise KapaoError(f"export format {fmt!r} is not supported; use one of {', '.join(FORMATS)}")
 
 
-def schema_from_metadata(meta: dict[str, Any], source: str) -> KeypointSchema:
-    """The KeypointSchema recorded in export metadata."""
-    return KeypointSchema.from_dict(meta["schema"], source=source)
+__all__ = [
+    "FORMATS", "GRAPH_REVISION", "INPUT_NAME", "METADATA_KEY", "OUTPUT_NAME", "SUFFIXES", "check_graph_input",
+    "export", "export_metadata", "export_onnx", "export_torchscript", "normalize_imgsz", "output_columns",
+    "read_metadata", "schema_from_metadata", "set_onnx_metadata", "sidecar_path",
+]

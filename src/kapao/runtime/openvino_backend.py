@@ -9,14 +9,15 @@ is compiled once per input shape (letterboxed frames of one video share a shape)
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from kapao.errors import KapaoError
-from kapao.runtime.export import check_graph_input, read_metadata, schema_from_metadata
+from kapao.runtime.base import no_tta
+from kapao.runtime.metadata import check_graph_input, check_output_width, read_metadata, schema_from_metadata
 from kapao.schema import KeypointSchema
 
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
@@ -42,8 +43,11 @@ class OpenVinoBackend:
     sensitive ops, e.g. the decode's sigmoids, in f32 where its plugin needs them).
     threads: inference threads (None: OpenVINO's default, one per physical core).
     max_shapes: compiled shapes kept (least recently used dropped first).
-    Attributes: schema, stride, fixed_hw, name, precision, threads.
+    Implements `kapao.runtime.base.Backend`; attributes: schema, stride, fixed_hw, name,
+    precision, threads, meta.
     """
+
+    supports_tta = False
 
     def __init__(
         self,
@@ -63,6 +67,7 @@ class OpenVinoBackend:
         self.meta = meta
         self.schema: KeypointSchema = schema_from_metadata(meta, str(self.path))
         self.stride = int(meta["stride"])
+        self.default_imgsz: int | None = int(meta["default_imgsz"]) if meta.get("default_imgsz") else None
         file_precision = str(meta.get("precision", "fp32"))
         qformat = str((meta.get("quantization") or {}).get("format", ""))
         if file_precision == "int8" and qformat not in ("openvino", "qdq"):
@@ -96,14 +101,9 @@ class OpenVinoBackend:
         dims = [d.get_length() if d.is_static else None for d in shape]
         self.fixed_hw: tuple[int, int] | None = (dims[2], dims[3]) if dims[2] and dims[3] else None
         self._fixed_batch = dims[0]
-        self._width = 5 + self.schema.num_classes + 2 * self.schema.num_keypoints
         out_dim = self._model.output(0).get_partial_shape()[-1]
-        if out_dim.is_static and out_dim.get_length() != self._width:
-            raise KapaoError(
-                f"{self.path}: the graph outputs {out_dim.get_length()} columns but its metadata's keypoint "
-                f"schema (K={self.schema.num_keypoints}) needs {self._width}; the sidecar belongs to another "
-                "model: re-export with `kapao export`"
-            )
+        if out_dim.is_static:
+            check_output_width(self.path, out_dim.get_length(), self.schema)
         self._compiled: OrderedDict[tuple[int, ...], Any] = OrderedDict()
         self._max_shapes = max_shapes
         self.name = f"openvino-{device}-{self.precision}"
@@ -122,20 +122,20 @@ class OpenVinoBackend:
             self._compiled.popitem(last=False)
         return request
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, 3, H, W) float in [0, 1] -> (B, N, 5 + nc + 2K) float32 (on the CPU)."""
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """x (B, 3, H, W) float32 in [0, 1] -> (B, N, 5 + nc + 2K) float32, input pixels."""
+        x = np.asarray(x)
         check_graph_input(self.path, x, self.fixed_hw)
-        arr = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+        arr = np.ascontiguousarray(x, dtype=np.float32)
         if self._fixed_batch is not None and arr.shape[0] != self._fixed_batch:
             out = np.concatenate([self._run(arr[i : i + 1]) for i in range(arr.shape[0])], 0)
         else:
             out = self._run(arr)
-        if out.shape[-1] != self._width:
-            raise KapaoError(
-                f"{self.path}: the graph outputs {out.shape[-1]} columns but its metadata's keypoint schema "
-                f"(K={self.schema.num_keypoints}) needs {self._width}; re-export with `kapao export`"
-            )
-        return torch.from_numpy(out)
+        check_output_width(self.path, out.shape[-1], self.schema)
+        return out
+
+    def augmented(self, x: np.ndarray, scales: Sequence[float], flips: Sequence[int | None]) -> np.ndarray:
+        no_tta(self)
 
     def _run(self, arr: np.ndarray) -> np.ndarray:
         request = self._request(tuple(arr.shape))

@@ -22,7 +22,7 @@ from typing import Any
 
 from kapao.errors import KapaoError
 from kapao.io.writers import write_json
-from kapao.runtime.export import METADATA_KEY, sidecar_path
+from kapao.runtime.metadata import METADATA_KEY, sidecar_path
 from kapao.runtime.quantize import calibration_source
 
 PRESETS = ("mixed", "performance")  # NNCF: asymmetric activations (SiLU outputs dip below 0) or symmetric

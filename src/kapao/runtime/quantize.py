@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from kapao.data.letterbox import letterbox, preprocess_demo, read_image, to_chw_rgb, to_input_batch
+from kapao.data.letterbox import prepare_input, read_image, to_input_batch
 from kapao.errors import KapaoError
 from kapao.io.writers import write_json
-from kapao.runtime.export import read_metadata, set_onnx_metadata, sidecar_path
+from kapao.runtime.metadata import read_metadata, set_onnx_metadata, sidecar_path
 
 _LAYER = re.compile(r"/layers\.(\d+)/")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -50,12 +50,8 @@ def calibration_batches(
         raise KapaoError(f"{images}: no calibration images found (.jpg/.png/...); give a folder of real photos")
     out = []
     for f in files:
-        img = read_image(f)
-        if hw is not None:
-            chw = to_chw_rgb(letterbox(img, hw, auto=False, scaleup=True)[0])
-        else:
-            chw = preprocess_demo(img, imgsz, stride)[0]
-        out.append(to_input_batch([chw]).numpy())  # exactly what the predictor feeds
+        chw = prepare_input(read_image(f), imgsz, stride, hw)[0]
+        out.append(to_input_batch([chw]))  # exactly what the predictor feeds
     return out
 
 

@@ -7,19 +7,21 @@ throughput). The head's output convs and the decode always run in fp32.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
 
+import numpy as np
 import torch
 
 from kapao.errors import KapaoError
 from kapao.models.kapao import KapaoModel
+from kapao.runtime.base import Backend, no_tta
+from kapao.runtime.torch_backend import as_array, as_tensor
 
 PRECISIONS = ("fp32", "bf16")
 
 
-def _fp32_knobs() -> list[Any]:
+def _fp32_knobs() -> list[object]:
     """torch's per-backend fp32 precision settings (torch >= 2.9): oneDNN matmul/conv/rnn (which
     may run fp32 work in bf16 on CPUs with AVX512-BF16/AMX), CUDA matmul, cuDNN conv/rnn (tf32)."""
     b = torch.backends
@@ -55,16 +57,23 @@ def exact_fp32() -> Iterator[None]:
 class ExactFp32Backend:
     """Wraps a torch backend so that every call runs under `exact_fp32()`: the explicit fp32 mode."""
 
-    def __init__(self, backend: Any):
+    def __init__(self, backend: Backend):
         self.backend = backend
         self.schema = backend.schema
         self.stride = backend.stride
-        self.fixed_hw = getattr(backend, "fixed_hw", None)
+        self.fixed_hw = backend.fixed_hw
+        self.precision = backend.precision
+        self.default_imgsz = backend.default_imgsz
+        self.supports_tta = backend.supports_tta
         self.name = f"{backend.name}-exact"
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: np.ndarray) -> np.ndarray:
         with exact_fp32():
             return self.backend(x)
+
+    def augmented(self, x: np.ndarray, scales: Sequence[float], flips: Sequence[int | None]) -> np.ndarray:
+        with exact_fp32():
+            return self.backend.augmented(x, scales, flips)
 
 
 class CpuTorchBackend:
@@ -91,15 +100,20 @@ class CpuTorchBackend:
         self.schema = model.schema
         self.stride = model.max_stride
         self.fixed_hw: tuple[int, int] | None = None
+        self.default_imgsz: int | None = None
+        self.supports_tta = False
         self.name = f"torch-{'cl-' if channels_last else ''}{precision}"
 
     @torch.inference_mode()
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.dtype)
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        t = as_tensor(x, torch.device("cpu"), self.dtype)
         if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+            t = t.contiguous(memory_format=torch.channels_last)
         if self.precision == "fp32":
             with exact_fp32():
-                return self.model.head.decode(self.model.forward_raw(x))
-        feats = self.model.features(x)
-        return self.model.head.decode(self.model.head([f.float() for f in feats]))
+                return as_array(self.model.head.decode(self.model.forward_raw(t)))
+        feats = self.model.features(t)
+        return as_array(self.model.head.decode(self.model.head([f.float() for f in feats])))
+
+    def augmented(self, x: np.ndarray, scales: Sequence[float], flips: Sequence[int | None]) -> np.ndarray:
+        no_tta(self)

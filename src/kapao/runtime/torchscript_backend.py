@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from kapao.errors import KapaoError
-from kapao.runtime.export import read_metadata, schema_from_metadata
+from kapao.runtime.base import no_tta
+from kapao.runtime.metadata import check_output_width, read_metadata, schema_from_metadata
+from kapao.runtime.torch_backend import as_array, as_tensor
 from kapao.schema import KeypointSchema
 
 
@@ -27,6 +31,8 @@ class TorchScriptBackend:
         self.precision = str(self.meta.get("precision", "fp32"))
         self.device = torch.device(device)
         self.fixed_hw: tuple[int, int] | None = None
+        self.default_imgsz: int | None = None
+        self.supports_tta = False
         self.name = f"torchscript-{self.precision}"
         try:
             with warnings.catch_warnings():
@@ -34,14 +40,12 @@ class TorchScriptBackend:
                 self.module = torch.jit.load(str(self.path), map_location=self.device).eval()
         except (RuntimeError, ValueError) as e:
             raise KapaoError(f"{self.path}: not a loadable TorchScript file ({str(e).splitlines()[0]}); re-export it") from None
-        self._width = 5 + self.schema.num_classes + 2 * self.schema.num_keypoints
 
     @torch.inference_mode()
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.module(x.to(self.device, torch.float32))
-        if out.shape[-1] != self._width:
-            raise KapaoError(
-                f"{self.path}: the module outputs {out.shape[-1]} columns but its metadata's keypoint schema "
-                f"needs {self._width}; the sidecar belongs to another model: re-export with `kapao export`"
-            )
-        return out.float()
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        out = as_array(self.module(as_tensor(x, self.device, torch.float32)))
+        check_output_width(self.path, out.shape[-1], self.schema)
+        return out
+
+    def augmented(self, x: np.ndarray, scales: Sequence[float], flips: Sequence[int | None]) -> np.ndarray:
+        no_tta(self)

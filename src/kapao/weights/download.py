@@ -21,7 +21,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from kapao.errors import KapaoError
-from kapao.weights.registry import RegisteredWeights, get
+from kapao.weights.registry import REGISTRY, RegisteredWeights, get, looks_like_name
+from kapao.weights.shipped import shipped_weights
 
 ENV_HOME = "KAPAO_HOME"
 ENV_URL = "KAPAO_WEIGHTS_URL"
@@ -125,3 +126,25 @@ def _download(url: str, out, entry: RegisteredWeights, progress: bool) -> None:
         raise KapaoError(f"{url}: cannot download {entry.name} ({reason}); check the network or {hint}") from None
     if total is not None and received != total:
         raise KapaoError(f"{url}: download of {entry.name} stopped after {received} of {total} bytes; try again")
+
+
+def resolve(
+    path_or_name: str | Path,
+    cache: str | Path | None = None,
+    base_url: str | None = None,
+    sha256: str | None = None,
+    progress: bool = True,
+) -> tuple[Path, RegisteredWeights | None]:
+    """A local file as is (sha256-checked if given), or a registry name fetched into the cache."""
+    p = Path(path_or_name).expanduser()
+    shipped = shipped_weights(str(path_or_name)) if not p.exists() else None
+    if shipped is not None:
+        return shipped, None
+    if p.exists():
+        if sha256 and p.is_file():
+            verify_sha256(p, sha256, str(p))
+        return p, None
+    if isinstance(path_or_name, str) and looks_like_name(path_or_name):
+        entry = get(path_or_name)
+        return fetch(entry, cache=cache, base_url=base_url, sha256=sha256, progress=progress), entry
+    raise KapaoError(f"{p}: file not found; check the path or use a registered name ({', '.join(REGISTRY)})")

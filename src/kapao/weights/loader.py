@@ -6,17 +6,22 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import torch
+from kapao.errors import KapaoError, require_torch
+
+try:
+    import torch
+except ModuleNotFoundError as e:  # the torch layer without PyTorch: the one-line kapao[torch] error
+    if e.name == "torch":
+        require_torch("loading torch weights (.pt, .safetensors, registry names)")
+    raise
 
 from kapao.config import ModelConfig
-from kapao.errors import KapaoError
 from kapao.models.kapao import KapaoModel, our_key
 from kapao.schema import KeypointSchema
 from kapao.weights import checkpoint, official
-from kapao.weights.download import fetch, verify_sha256
-from kapao.weights.registry import REGISTRY, RegisteredWeights, get, looks_like_name
+from kapao.weights.download import resolve
+from kapao.weights.registry import RegisteredWeights
 from kapao.weights.safe_pickle import load_plain_pickle
-from kapao.weights.shipped import shipped_weights
 
 
 @dataclass(frozen=True)
@@ -54,28 +59,6 @@ def sniff_format(path: Path) -> str:
         f"{path}: not a checkpoint (neither a torch .pt archive nor a kapao safetensors file); "
         "give an official kapao_*.pt or a file written by kapao convert"
     )
-
-
-def resolve(
-    path_or_name: str | Path,
-    cache: str | Path | None = None,
-    base_url: str | None = None,
-    sha256: str | None = None,
-    progress: bool = True,
-) -> tuple[Path, RegisteredWeights | None]:
-    """A local file as is (sha256-checked if given), or a registry name fetched into the cache."""
-    p = Path(path_or_name).expanduser()
-    shipped = shipped_weights(str(path_or_name)) if not p.exists() else None
-    if shipped is not None:
-        return shipped, None
-    if p.exists():
-        if sha256 and p.is_file():
-            verify_sha256(p, sha256, str(p))
-        return p, None
-    if isinstance(path_or_name, str) and looks_like_name(path_or_name):
-        entry = get(path_or_name)
-        return fetch(entry, cache=cache, base_url=base_url, sha256=sha256, progress=progress), entry
-    raise KapaoError(f"{p}: file not found; check the path or use a registered name ({', '.join(REGISTRY)})")
 
 
 def _load_state(model: KapaoModel, state: dict[str, torch.Tensor], path: Path) -> None:
