@@ -38,7 +38,6 @@ BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 PRECISIONS = ("fp32", "bf16", "int8")
 DEFAULT_IMGSZ = 1280  # the official models' input size, for weights that do not say
 CALIBRATION_IMAGES = 32
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 T = TypeVar("T")
 
 
@@ -176,15 +175,9 @@ def _calibration_files(calib: str | Path | Sequence[str | Path] | None) -> list[
         from kapao.weights.shipped import demo_images
 
         return demo_images()
-    if isinstance(calib, (str, Path)):
-        folder = Path(calib)
-        if not folder.is_dir():
-            raise KapaoError(f"--calib {folder}: give a folder of images like the ones you will run on")
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    else:
-        files = [Path(p) for p in calib]
-    if not files:
-        raise KapaoError(f"--calib {calib}: no images (.jpg/.png/...) found; give a folder of real photos")
+    from kapao.runtime.quantize import image_files
+
+    files = image_files(calib, "--calib images")
     return files[:CALIBRATION_IMAGES]
 
 

@@ -28,6 +28,21 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 
 
+def image_files(images: str | Path | Sequence[str | Path], what: str = "calibration images") -> list[Path]:
+    """The images of a folder (sorted; by suffix) or the files given, with one-line errors for a
+    path that is not a folder and for no images at all. what: how the message names them."""
+    if isinstance(images, (str, Path)):
+        folder = Path(images)
+        if not folder.is_dir():
+            raise KapaoError(f"{folder}: {what} must be a folder of images (or a list of files) like the ones you will run on")
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    else:
+        files = [Path(p) for p in images]
+    if not files:
+        raise KapaoError(f"{images}: no {what} found (.jpg/.png/...); give a folder of real photos")
+    return files
+
+
 def calibration_batches(
     images: str | Path | Sequence[str | Path],
     hw: tuple[int, int] | None,
@@ -38,16 +53,7 @@ def calibration_batches(
     """Up to `limit` images (a folder or a list of files) pre-processed as the predictor will:
     letterboxed to exactly `hw` for a fixed-size graph, else the demo letterbox at `imgsz`
     (minimal multiple-of-stride rectangle) -> list of (1, 3, H, W) float32 RGB in [0, 1]."""
-    if isinstance(images, (str, Path)):
-        folder = Path(images)
-        if not folder.is_dir():
-            raise KapaoError(f"{folder}: calibration images must be a folder of images or a list of files")
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    else:
-        files = [Path(p) for p in images]
-    files = files[:limit]
-    if not files:
-        raise KapaoError(f"{images}: no calibration images found (.jpg/.png/...); give a folder of real photos")
+    files = image_files(images)[:limit]
     out = []
     for f in files:
         chw = prepare_input(read_image(f), imgsz, stride, hw)[0]
