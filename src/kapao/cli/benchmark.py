@@ -24,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "the first is the reference for the OKS agreement")
     p.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime intra-op threads (default: torch's)")
     p.add_argument("--preset", default="demo", help="post-processing thresholds (val, demo, demo_video)")
-    p.add_argument("--workdir", default=".kapao-bench", help="where exported/quantized ONNX files are cached")
+    p.add_argument("--workdir", default=".kapao-bench", help="where the weights are saved for the graph rows (their exports go to the export cache, $KAPAO_HOME/exports)")
     p.add_argument("--no-bound", action="store_true", help="skip the 3x3-conv GFLOP/s measurement")
     p.add_argument("--rounds", type=int, default=3,
                    help="timed passes over the images per row; each stage reports the median pass")
