@@ -215,3 +215,16 @@ def test_int8_on_onnxruntime_is_quantized_once(home, weights, capsys):
     # the person objectness of the confident rows survives quantization
     top = np.argsort(-fp32[0, :, 4])[:20]
     assert np.abs(out[0, top, 4] - fp32[0, top, 4]).max() < 0.15
+
+
+def test_shipped_model_runs_its_shipped_onnx(home, capsys):
+    """No weights, or the shipped model's name: its shipped ONNX on ONNX Runtime, nothing exported;
+    the torch backend and TTA take the shipped safetensors instead."""
+    from kapao.weights.shipped import shipped_onnx
+
+    for weights in (None, "kapao_n_synth", "kapao_n_synth.safetensors"):
+        backend = create_backend(weights)
+        assert backend.name == "onnxruntime-cpu-fp32" and backend.path == shipped_onnx() and backend.default_imgsz == 256
+    assert "exporting" not in capsys.readouterr().err and not exports_root().exists()
+    assert create_backend("kapao_n_synth", backend="torch").name == "torch-cpu-fp32"
+    assert create_backend(None, tta=True).supports_tta

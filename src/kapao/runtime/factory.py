@@ -97,7 +97,7 @@ def create_backend(
     req = Request(backend, device, precision, bool(half), threads, schema, calib, bool(tta), bool(quiet))
     if tta and precision != "fp32":
         raise KapaoError("test-time augmentation (--scales/--flips) runs in fp32 on the torch backend; drop --precision")
-    path = _exported_default(req) if weights is None else None
+    path = _shipped_onnx(weights, req)
     if path is not None:
         return _from_exported(path, req)
     if weights is not None and Path(str(weights)).suffix in EXPORTED_SUFFIXES:
@@ -105,15 +105,19 @@ def create_backend(
     return _from_torch_weights(weights, req)
 
 
-def _exported_default(req: Request) -> Path | None:
-    """The shipped ONNX when the request needs no torch model (else None: the torch weights)."""
+def _shipped_onnx(weights: str | Path | None, req: Request) -> Path | None:
+    """The shipped ONNX of the shipped model (no weights, or its name) when the request needs no
+    torch model; else None (the torch weights path)."""
+    from kapao.weights.shipped import DEFAULT, shipped_onnx
+
+    name = DEFAULT if weights is None else str(weights)
+    if weights is not None and (Path(name).exists() or shipped_onnx(name) is None):
+        return None  # a file of the user's, or not a shipped name
     if req.backend == "torch" or req.tta or (req.on_cuda and req.backend == "auto"):
         return None
     if req.precision == "bf16" and req.backend == "auto" and not has_module("openvino"):
         return None  # the torch bf16 backbone is the bf16 path without OpenVINO
-    from kapao.weights.shipped import shipped_onnx
-
-    return shipped_onnx()
+    return shipped_onnx(name)
 
 
 # -- exported files ----------------------------------------------------------------------------
