@@ -206,7 +206,7 @@ def build_backend(
 
         if GRAPH_ROWS[name][1] == "int8" and calib_images is None:
             raise KapaoError(f"{name} needs calibration images (a folder of real photos)")
-        weights = workdir / f"{model.cfg.name}-{weights_digest(model)}-{imgsz}.safetensors"
+        weights = workdir / f"{model.cfg.name}-{model_digest(model)}-{imgsz}.safetensors"
         if not weights.is_file():
             save(m, weights, info={"recipe": {"imgsz": imgsz}}, half=False)
         runtime, precision = GRAPH_ROWS[name]
@@ -214,8 +214,9 @@ def build_backend(
     raise KapaoError(f"benchmark backend {name!r}: choose from {', '.join(BACKENDS)}")
 
 
-def weights_digest(model: KapaoModel) -> str:
-    """A short digest of the weights: cached exports in the workdir belong to these weights only."""
+def model_digest(model: KapaoModel) -> str:
+    """A short digest of a model's weights (its saved copy in the workdir is named by it; the
+    export cache keys by the saved file's own content hash)."""
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
         h.update(name.encode())
